@@ -1,0 +1,459 @@
+"""One route's fan-out: ring, subscribers, heartbeat and the slow-consumer policy.
+
+The hot path (DESIGN.md): an upstream read becomes a batch of events, each is
+encoded once and appended to the ring, the batch is joined once and framed
+once, and the same bytes object is written to every live subscriber. A live
+subscriber's position is implicitly the ring head, so fan-out touches nothing
+per client but `transport.write`.
+
+A subscriber whose transport pushes back (`pause_writing`) leaves the live set
+and keeps only a cursor into the ring; on `resume_writing` it catches up from
+the ring in bounded slices and rejoins the live set when it reaches the head.
+If it falls off the ring's tail or too far behind, it is cut off and resumes by
+reconnecting with Last-Event-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from .config import RouteConfig
+from .ring import Ring
+from .sse import Event, IdOnly, Overflow, encode, encode_comment, encode_id
+
+__all__ = [
+    "GAP_EVENT",
+    "Channel",
+    "ChannelStats",
+    "DisconnectReason",
+    "Source",
+    "Subscriber",
+]
+
+log = logging.getLogger("ssefan.channel")
+
+# The named event a client receives when its Last-Event-ID can't be resumed
+# exactly (unknown or already evicted). Browsers see events, not headers.
+GAP_EVENT = "ssefan-gap"
+
+# A catch-up write (replay or recovery after backpressure) carries at most this
+# much; the transport's high-water mark then decides whether to go on at once.
+CATCH_UP_SLICE_BYTES = 64 * 1024
+# Per-client transport buffer before `pause_writing`. 64 KiB is asyncio's own
+# default; with 10 000 clients that still bounds user-space buffers to ~640 MiB
+# in the worst case where every client stops reading at once.
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
+
+_TERMINAL_CHUNK = b"0\r\n\r\n"
+
+
+class DisconnectReason(enum.StrEnum):
+    CLIENT_CLOSED = "client_closed"
+    SLOW = "slow"  # unsent data passed max_client_lag_bytes
+    EVICTED = "evicted"  # its cursor fell off the ring's tail
+    UPSTREAM_STOPPED = "upstream_stopped"  # the app answered 204
+    DRAIN = "drain"  # shutdown or route removed
+    ERROR = "error"
+
+
+class Source(Protocol):
+    """Where a channel's events come from (an upstream SSE stream today)."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class ChannelStats:
+    """Plain counters, bumped where the work happens and rendered on scrape."""
+
+    __slots__ = (
+        "bytes_out",
+        "connects",
+        "disconnects",
+        "duplicates_dropped",
+        "events_delivered",
+        "events_received",
+        "heartbeats",
+        "overflows",
+        "replay_gaps",
+        "replay_hits",
+        "replay_misses",
+    )
+
+    def __init__(self) -> None:
+        self.connects = 0
+        self.disconnects: dict[DisconnectReason, int] = dict.fromkeys(DisconnectReason, 0)
+        self.events_received = 0
+        self.events_delivered = 0
+        self.bytes_out = 0
+        self.duplicates_dropped = 0
+        self.overflows = 0
+        self.heartbeats = 0
+        self.replay_hits = 0  # resumed exactly from a held id
+        self.replay_misses = 0  # id unknown to the ring
+        self.replay_gaps = 0  # id was held once but has been evicted
+
+
+class Subscriber:
+    """A client stream: a transport plus a cursor into the ring."""
+
+    __slots__ = ("chunked", "closed", "cursor", "on_close", "paused", "transport")
+
+    def __init__(
+        self,
+        transport: asyncio.WriteTransport,
+        *,
+        chunked: bool,
+        on_close: Callable[[DisconnectReason], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.chunked = chunked  # HTTP/1.1 chunked framing, else close-delimited
+        self.cursor = 0  # seq of the next event it needs (meaningful when not live)
+        self.paused = False
+        self.closed = False
+        self.on_close = on_close
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+    def send(self, payload: bytes) -> None:
+        """Write bytes framed for this client (not the shared fan-out path)."""
+        if self.chunked:
+            payload = b"%x\r\n%b\r\n" % (len(payload), payload)
+        self.transport.write(payload)
+
+
+def frame_chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+
+class Channel:
+    """The shared state of one route."""
+
+    def __init__(
+        self,
+        route: RouteConfig,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.route = route
+        self.loop = loop
+        self.clock = clock
+        self.ring = Ring(
+            max_events=route.buffer, max_bytes=route.buffer_bytes, max_age=route.buffer_age
+        )
+        self.stats = ChannelStats()
+        self.source: Source | None = None
+        # True after the app answered 204: streams end and new clients get 204.
+        self.stopped_by_upstream = False
+        # The last id the *upstream* gave, sent back as Last-Event-ID on reconnect.
+        self.upstream_last_id = ""
+        self.last_event_at = clock()
+        # Live subscribers, split by framing so the fan-out loop does no branching.
+        self._live_chunked: dict[Subscriber, Callable[[bytes], object]] = {}
+        self._live_raw: dict[Subscriber, Callable[[bytes], object]] = {}
+        self._lagging: set[Subscriber] = set()
+        self._dedupe = False
+        self._heartbeat_handle: asyncio.TimerHandle | None = None
+        self._linger_handle: asyncio.TimerHandle | None = None
+        self._source_running = False
+        # Ids ssefan assigns: a per-channel-instance prefix so ids from an older
+        # process or ring never alias ours. Hex + '-' + decimal: CORS-safe, short.
+        self._id_prefix = f"{int(time.time() * 1000):x}{os.getpid() % 0xFFFF:04x}-"
+        self._heartbeat_bytes = self._make_heartbeat()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def attach_source(self, source: Source) -> None:
+        self.source = source
+
+    def start(self) -> None:
+        self._schedule_heartbeat(self.route.heartbeat)
+        if self.route.mode == "eager":
+            self._start_source()
+
+    def close(self, reason: DisconnectReason = DisconnectReason.DRAIN) -> None:
+        """Stop the source and timers and end every stream."""
+        self._stop_source()
+        for handle in (self._heartbeat_handle, self._linger_handle):
+            if handle is not None:
+                handle.cancel()
+        self._heartbeat_handle = self._linger_handle = None
+        self.end_streams(reason)
+
+    def end_streams(self, reason: DisconnectReason) -> None:
+        for sub in list(self.subscribers()):
+            if sub.chunked and not sub.paused:
+                # A terminal chunk lets the client see a clean end of body.
+                sub.transport.write(_TERMINAL_CHUNK)
+            self._drop(sub, reason, abort=sub.paused)
+
+    def _start_source(self) -> None:
+        if self.source is not None and not self._source_running:
+            self._source_running = True
+            self.source.start()
+
+    def _stop_source(self) -> None:
+        if self.source is not None and self._source_running:
+            self._source_running = False
+            self.source.stop()
+
+    # -- introspection --------------------------------------------------------
+
+    @property
+    def client_count(self) -> int:
+        return len(self._live_chunked) + len(self._live_raw) + len(self._lagging)
+
+    def subscribers(self) -> Iterable[Subscriber]:
+        yield from self._live_chunked
+        yield from self._live_raw
+        yield from self._lagging
+
+    # -- upstream side --------------------------------------------------------
+
+    def upstream_connected(self) -> None:
+        """A new upstream response began: it may replay events we hold."""
+        self._dedupe = True
+
+    def upstream_stopped(self) -> None:
+        """The app answered 204: end every stream; new clients get 204 too."""
+        self.stopped_by_upstream = True
+        self._stop_source()
+        self.end_streams(DisconnectReason.UPSTREAM_STOPPED)
+
+    def publish(self, items: Iterable[Event | IdOnly | Overflow]) -> None:
+        """Append one upstream read's worth of events and fan them out."""
+        ring = self.ring
+        start = ring.next_seq
+        now = self.clock()
+        for item in items:
+            if isinstance(item, Overflow):
+                self.stats.overflows += 1
+                log.warning(
+                    "route=%s upstream sent an over-long %s (%d bytes): event dropped",
+                    self.route.path,
+                    item.kind,
+                    item.size,
+                )
+                continue
+            upstream_id = item.id
+            if upstream_id is not None:
+                self.upstream_last_id = upstream_id
+            if upstream_id:
+                # After a reconnect the app may replay what we sent it as
+                # Last-Event-ID and beyond: skip what the ring already holds,
+                # until the first event it doesn't.
+                if self._dedupe and ring.seq_of(upstream_id) is not None:
+                    self.stats.duplicates_dropped += 1
+                    continue
+                self._dedupe = False
+            if isinstance(item, IdOnly):
+                if upstream_id:  # an id-only block still moves the resume point
+                    ring.append(upstream_id, encode_id(upstream_id), now)
+                continue
+            self._dedupe = False
+            event_id = upstream_id or f"{self._id_prefix}{ring.next_seq}"
+            encoded = encode(Event(item.data, event=item.event, id=event_id))
+            ring.append(event_id, encoded, now)
+        added = ring.next_seq - start
+        if not added:
+            return
+        self.stats.events_received += added
+        self.last_event_at = now
+        self._fan_out(ring.join(start, ring.next_seq), added)
+        if self._lagging:
+            self._police_laggards()
+
+    def _fan_out(self, payload: bytes, events: int) -> None:
+        # The hot loop: same bytes object to everyone, nothing per client but
+        # the write. Iterate copies: a write may call pause_writing, which moves
+        # that subscriber out of the live set.
+        n = 0
+        if self._live_chunked:
+            framed = b"%x\r\n%b\r\n" % (len(payload), payload)
+            writers = list(self._live_chunked.values())
+            for write in writers:
+                write(framed)
+            n += len(writers)
+            self.stats.bytes_out += len(framed) * len(writers)
+        if self._live_raw:
+            writers = list(self._live_raw.values())
+            for write in writers:
+                write(payload)
+            n += len(writers)
+            self.stats.bytes_out += len(payload) * len(writers)
+        self.stats.events_delivered += events * n
+
+    def _police_laggards(self) -> None:
+        ring, limit = self.ring, self.route.max_client_lag_bytes
+        for sub in list(self._lagging):
+            if sub.cursor < ring.first_seq:
+                self._drop(sub, DisconnectReason.EVICTED, abort=True)
+            elif ring.bytes_from(sub.cursor) + sub.transport.get_write_buffer_size() > limit:
+                self._drop(sub, DisconnectReason.SLOW, abort=True)
+
+    # -- client side ----------------------------------------------------------
+
+    def subscribe(self, sub: Subscriber, last_event_id: str | None) -> None:
+        """Register a client whose response headers are already written.
+
+        Computing the replay start and joining the live set happen in this one
+        synchronous call: no event can slip between replay and live.
+        """
+        self.stats.connects += 1
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
+        if self.route.mode == "lazy":
+            self._start_source()
+        ring = self.ring
+        ring.expire(self.clock())
+        if last_event_id:
+            seq = ring.seq_of(last_event_id)
+            if seq is not None:
+                self.stats.replay_hits += 1
+                sub.cursor = seq + 1
+            else:
+                sub.cursor = self._announce_gap(sub, last_event_id)
+        else:
+            sub.cursor = self._start_position()
+        self._lagging.add(sub)
+        self._catch_up(sub)
+
+    def _start_position(self) -> int:
+        start, ring = self.route.start, self.ring
+        if start.kind == "events":
+            return max(ring.first_seq, ring.next_seq - start.count)
+        if start.kind == "age":
+            return ring.seq_since(self.clock() - start.age)
+        return ring.next_seq
+
+    def _announce_gap(self, sub: Subscriber, last_event_id: str) -> int:
+        ring = self.ring
+        evicted = ring.was_evicted(last_event_id)
+        if evicted:
+            self.stats.replay_gaps += 1
+        else:
+            self.stats.replay_misses += 1
+        policy = self.route.on_gap
+        payload = json.dumps(
+            {
+                "reason": "evicted" if evicted else "unknown",
+                "last_event_id": last_event_id,
+                "oldest_id": ring.oldest_id,
+                "policy": policy,
+            },
+            separators=(",", ":"),
+        )
+        # The gap event repeats the client's own id so it does not move the
+        # client's resume point: a reconnect before the next event gets the
+        # same answer again. An id that can't be re-encoded is left out.
+        try:
+            gap = encode(Event(payload, event=GAP_EVENT, id=last_event_id))
+        except ValueError:
+            gap = encode(Event(payload, event=GAP_EVENT))
+        sub.send(gap)
+        return ring.first_seq if policy == "replay" else ring.next_seq
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        """The client went away (connection lost)."""
+        if not sub.closed:
+            self._drop(sub, DisconnectReason.CLIENT_CLOSED, abort=False, close=False)
+
+    def pause(self, sub: Subscriber) -> None:
+        """The client's transport buffer passed its high-water mark."""
+        if sub.paused or sub.closed:
+            return
+        sub.paused = True
+        live = self._live_chunked if sub.chunked else self._live_raw
+        if sub in live:
+            del live[sub]
+            sub.cursor = self.ring.next_seq  # it was sent everything up to the head
+            self._lagging.add(sub)
+
+    def resume(self, sub: Subscriber) -> None:
+        if sub.closed or not sub.paused:
+            return
+        sub.paused = False
+        self._catch_up(sub)
+
+    def _catch_up(self, sub: Subscriber) -> None:
+        ring = self.ring
+        while not sub.paused and not sub.closed:
+            if sub.cursor < ring.first_seq:
+                self._drop(sub, DisconnectReason.EVICTED, abort=True)
+                return
+            if sub.cursor >= ring.next_seq:
+                self._lagging.discard(sub)
+                live = self._live_chunked if sub.chunked else self._live_raw
+                live[sub] = sub.transport.write
+                return
+            payload, stop = ring.take(sub.cursor, CATCH_UP_SLICE_BYTES)
+            self.stats.events_delivered += stop - sub.cursor
+            self.stats.bytes_out += len(payload)
+            sub.cursor = stop
+            sub.send(payload)
+
+    def _drop(
+        self, sub: Subscriber, reason: DisconnectReason, *, abort: bool, close: bool = True
+    ) -> None:
+        if sub.closed:
+            return
+        sub.closed = True
+        self._live_chunked.pop(sub, None)
+        self._live_raw.pop(sub, None)
+        self._lagging.discard(sub)
+        self.stats.disconnects[reason] += 1
+        if reason in (DisconnectReason.SLOW, DisconnectReason.EVICTED):
+            log.info("route=%s client cut off: %s", self.route.path, reason)
+        if close:
+            if abort:
+                sub.transport.abort()  # a stuck client would never flush a graceful close
+            else:
+                sub.transport.close()
+        if sub.on_close is not None:
+            sub.on_close(reason)
+        if self.client_count == 0 and self.route.mode == "lazy" and self._source_running:
+            self._linger_handle = self.loop.call_later(self.route.linger, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        self._linger_handle = None
+        if self.client_count == 0:
+            self._stop_source()
+
+    # -- heartbeat ------------------------------------------------------------
+
+    def _make_heartbeat(self) -> bytes:
+        if self.route.heartbeat_event is None:
+            return encode_comment("")
+        return b""  # named pings carry the current id: built when sent
+
+    def _schedule_heartbeat(self, delay: float) -> None:
+        self._heartbeat_handle = self.loop.call_later(delay, self._heartbeat)
+
+    def _heartbeat(self) -> None:
+        interval = self.route.heartbeat
+        now = self.clock()
+        self.ring.expire(now)
+        idle_for = now - self.last_event_at
+        if idle_for < interval:
+            self._schedule_heartbeat(interval - idle_for)
+            return
+        payload = self._heartbeat_bytes
+        if not payload:
+            assert self.route.heartbeat_event is not None
+            # A ping event must not reset the client's last event id: live
+            # clients hold everything up to the head, so repeat the newest id.
+            payload = encode(Event("", event=self.route.heartbeat_event, id=self.ring.newest_id))
+        self.stats.heartbeats += 1
+        self._fan_out(payload, 0)
+        self.last_event_at = now
+        self._schedule_heartbeat(interval)

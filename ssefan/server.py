@@ -1,0 +1,348 @@
+"""The client-facing HTTP/1.1 server: an asyncio.Protocol over h11.
+
+h11 parses requests and frames ordinary responses (keep-alive included). For a
+stream, h11 writes the response head and then steps aside: the body is written
+straight to the transport by the channel, so the per-client cost of an event
+is one `transport.write` of bytes framed once for everybody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import cast
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+
+from . import cors
+from .channel import Channel, DisconnectReason, Subscriber
+from .config import Config
+from .sse import encode_comment, encode_retry
+
+__all__ = ["HTTPConnection", "Server"]
+
+log = logging.getLogger("ssefan.server")
+
+# Clients refused for capacity are told to come back after this long; browsers'
+# EventSource ignores Retry-After and uses its own 3-5 s, SDKs honour it.
+RETRY_AFTER_SECONDS = 5
+# Query parameters that may carry the resume id on a first connect (EventSource
+# can't set headers): ours, the camelCase spelling, and the EventSource polyfill's.
+LAST_EVENT_ID_PARAMS = ("last_event_id", "lastEventId", "evs_last_event_id")
+
+STREAM_HEADERS: list[tuple[bytes, bytes]] = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    # no-transform: stops proxies/CDNs from compressing or rewriting the stream.
+    (b"cache-control", b"no-cache, no-store, no-transform"),
+    # nginx (and proxies that copy it) would otherwise buffer the whole stream.
+    (b"x-accel-buffering", b"no"),
+]
+# Written with the headers so intermediaries flush them at once.
+OPENING_COMMENT = encode_comment("ssefan")
+
+
+@dataclass
+class Server:
+    """State shared by every connection of one listener."""
+
+    config: Config
+    channels: dict[str, Channel]
+    connections: set[HTTPConnection] = field(default_factory=set)
+    streams: int = 0
+    # Counters for refusals, by status code.
+    refused: dict[int, int] = field(default_factory=dict)
+    # Called for requests to paths that are not stream routes (pass-through).
+    fallback: Callable[[HTTPConnection, h11.Request], bool] | None = None
+
+    def protocol_factory(self) -> HTTPConnection:
+        return HTTPConnection(self)
+
+    def count_refusal(self, status: int) -> None:
+        self.refused[status] = self.refused.get(status, 0) + 1
+
+
+def _raw_response(status: int, body: str, extra: list[tuple[bytes, bytes]] = []) -> bytes:  # noqa: B006
+    """A complete `Connection: close` response, built without h11.
+
+    Used where h11 can no longer frame a response (the request head was
+    malformed or never finished).
+    """
+    payload = body.encode("utf-8")
+    phrase = HTTPStatus(status).phrase
+    lines = [
+        f"HTTP/1.1 {status} {phrase}".encode("ascii"),
+        b"content-type: text/plain; charset=utf-8",
+        b"content-length: %d" % len(payload),
+        b"connection: close",
+        *[name + b": " + value for name, value in extra],
+    ]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+
+def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
+    return h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
+
+
+def _header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class HTTPConnection(asyncio.Protocol):
+    """One client connection: ordinary requests, or one stream until it ends."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.config = server.config
+        self.conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=server.config.max_header_bytes
+        )
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.subscriber: Subscriber | None = None
+        self.channel: Channel | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._head_only = False  # the current request is HEAD: no body may follow
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.server.connections.add(self)
+        self._arm_timer(self.config.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.server.connections.discard(self)
+        if self.subscriber is not None and self.channel is not None:
+            self.channel.unsubscribe(self.subscriber)
+
+    def data_received(self, data: bytes) -> None:
+        if self.subscriber is not None or self._closing:
+            # A stream's client has nothing more to say; anything it pipelines
+            # is dropped, never buffered.
+            return
+        self.conn.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self.subscriber is None and not self._closing:
+            self.conn.receive_data(b"")
+            self._process()
+        return False  # let asyncio close the transport
+
+    def pause_writing(self) -> None:
+        if self.subscriber is not None and self.channel is not None:
+            self.channel.pause(self.subscriber)
+
+    def resume_writing(self) -> None:
+        if self.subscriber is not None and self.channel is not None:
+            self.channel.resume(self.subscriber)
+
+    # -- request handling ---------------------------------------------------------
+
+    def _process(self) -> None:
+        conn = self.conn
+        while not self._closing and self.subscriber is None:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+                    self._arm_timer(self.config.keepalive_timeout)
+                    continue
+                return
+            if isinstance(event, h11.Request):
+                self._cancel_timer()
+                self._on_request(event)
+            elif isinstance(event, h11.ConnectionClosed):
+                self._close()
+                return
+            # Data / EndOfMessage of a request body we already answered: dropped.
+            if conn.our_state is h11.MUST_CLOSE:
+                self._close()
+                return
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint
+        self.server.count_refusal(status)
+        log.info("peer=%s bad request (%d): %s", self.peer, status, exc)
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            reason = "request head too large" if status == 431 else "malformed request"
+            self._write(_raw_response(status, f"{status} {reason}: {exc}\n"))
+        self._close()
+
+    def _on_request(self, request: h11.Request) -> None:
+        self._head_only = request.method == b"HEAD"
+        try:
+            target = request.target.decode("ascii")
+        except UnicodeDecodeError:
+            self.respond(400, "400 request target must be ASCII\n", close=True)
+            return
+        parts = urlsplit(target)
+        channel = self.server.channels.get(parts.path)
+        if channel is None:
+            if self.server.fallback is not None and self.server.fallback(self, request):
+                return
+            self.respond(404, f"404 no route for {parts.path}\n")
+            return
+        method = request.method
+        if method == b"OPTIONS":
+            self._preflight(channel, request)
+        elif method in (b"GET", b"HEAD"):
+            self._open_stream(channel, request, parts.query)
+        else:
+            self.server.count_refusal(405)
+            self.respond(
+                405,
+                f"405 {method.decode('latin-1')} not allowed on {parts.path}: use GET\n",
+                [(b"allow", cors.ALLOWED_METHODS)],
+            )
+
+    def _preflight(self, channel: Channel, request: h11.Request) -> None:
+        route_cors = channel.route.cors
+        origin = _header(request, b"origin")
+        if route_cors is None or origin is None:
+            self.respond(204, "", [(b"allow", cors.ALLOWED_METHODS)])
+            return
+        headers = cors.preflight_headers(route_cors, origin)
+        if headers is None:
+            self.server.count_refusal(403)
+            self.respond(403, "403 origin not allowed\n")
+            return
+        self.respond(204, "", headers)
+
+    def _open_stream(self, channel: Channel, request: h11.Request, query: str) -> None:
+        route = channel.route
+        cors_headers = cors.response_headers(route.cors, _header(request, b"origin"))
+        if cors_headers is None:
+            self.server.count_refusal(403)
+            self.respond(403, f"403 origin not allowed on {route.path}\n")
+            return
+        if channel.stopped_by_upstream:
+            # The app said "stop" (204); pass it on so browsers stop reconnecting.
+            self.respond(204, "", cors_headers)
+            return
+        if self._over_capacity(channel):
+            self.server.count_refusal(503)
+            self.respond(
+                503,
+                f"503 too many clients on {route.path}, retry in {RETRY_AFTER_SECONDS}s\n",
+                [(b"retry-after", str(RETRY_AFTER_SECONDS).encode("ascii")), *cors_headers],
+            )
+            return
+        headers = STREAM_HEADERS + cors_headers
+        conn = self.conn
+        if request.method == b"HEAD":
+            self._write(conn.send(_response(200, headers)))
+            self._write(conn.send(h11.EndOfMessage()))
+            return
+        head = conn.send(_response(200, headers))
+        assert self.transport is not None
+        chunked = conn.their_http_version == b"1.1"
+        subscriber = Subscriber(self.transport, chunked=chunked, on_close=self._stream_closed)
+        opening = OPENING_COMMENT
+        if route.retry is not None:
+            opening += encode_retry(route.retry)
+        self._write(head)
+        subscriber.send(opening)
+        self.subscriber, self.channel = subscriber, channel
+        self.server.streams += 1
+        channel.subscribe(subscriber, self._last_event_id(request, query))
+
+    def _over_capacity(self, channel: Channel) -> bool:
+        route_cap = channel.route.max_clients
+        if route_cap is not None and channel.client_count >= route_cap:
+            return True
+        return self.server.streams >= self.config.max_clients
+
+    @staticmethod
+    def _last_event_id(request: h11.Request, query: str) -> str | None:
+        header = _header(request, b"last-event-id")
+        if header:  # the header wins over the query parameter
+            return header.decode("utf-8", errors="replace")
+        if query:
+            params = parse_qs(query, keep_blank_values=False)
+            for name in LAST_EVENT_ID_PARAMS:
+                if name in params:
+                    return params[name][0]
+        return None
+
+    def _stream_closed(self, reason: DisconnectReason) -> None:
+        self.server.streams -= 1
+
+    # -- writing ------------------------------------------------------------------
+
+    def respond(
+        self,
+        status: int,
+        body: str | bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        *,
+        close: bool = False,
+        content_type: bytes = b"text/plain; charset=utf-8",
+    ) -> None:
+        """Send a complete, Content-Length-framed response (keep-alive aware)."""
+        payload = body.encode("utf-8") if isinstance(body, str) else body
+        all_headers = list(headers or [])
+        if status != 204:
+            all_headers += [
+                (b"content-type", content_type),
+                (b"content-length", b"%d" % len(payload)),
+            ]
+        if close:
+            all_headers.append((b"connection", b"close"))
+        conn = self.conn
+        out = conn.send(_response(status, all_headers))
+        if payload and not self._head_only:
+            out += conn.send(h11.Data(data=payload))
+        out += conn.send(h11.EndOfMessage())
+        self._write(out)
+
+    def _write(self, data: bytes | None) -> None:
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- timers -------------------------------------------------------------------
+
+    def _arm_timer(self, delay: float) -> None:
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(delay, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.subscriber is not None or self._closing:
+            return
+        if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self._close()  # idle keep-alive connection: nothing to say
+            return
+        self.server.count_refusal(408)
+        self._write(_raw_response(408, "408 request head not received in time\n"))
+        self._close()

@@ -1,0 +1,340 @@
+"""The ONE subscription per route: an h11 client for the app's SSE endpoint.
+
+Connect, stream, parse, hand batches to the sink; on EOF, error or a silent
+stream (read-idle watchdog) reconnect with exponential backoff and full jitter,
+resuming with Last-Event-ID. A 204 means "stop": the sink ends its streams and
+the upstream is not retried until a reload or restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import h11
+
+from .config import UpstreamConfig
+from .sse import Event, IdOnly, Overflow, Parser
+
+__all__ = ["Upstream", "UpstreamState", "UpstreamTarget"]
+
+log = logging.getLogger("ssefan.upstream")
+
+# One read from the upstream socket. 64 KiB is asyncio's default buffer and
+# holds hundreds of typical events: a burst is parsed and fanned out as one batch.
+READ_SIZE = 64 * 1024
+# h11's bound on the upstream's response head; 64 KiB allows generous cookies.
+MAX_RESPONSE_HEAD = 64 * 1024
+# An upstream `retry:` is honoured as the backoff base, within these bounds:
+# a 0 ms retry must not turn a failing app into a busy loop.
+MIN_RETRY_BASE = 0.1
+USER_AGENT = "ssefan"
+
+
+class UpstreamState(enum.Enum):
+    IDLE = "idle"  # not started (lazy route without clients)
+    CONNECTING = "connecting"
+    STREAMING = "streaming"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"  # the app answered 204, or stop() was called
+
+
+class Sink(Protocol):
+    """What the upstream feeds (a Channel)."""
+
+    upstream_last_id: str
+
+    def publish(self, items: Iterable[Event | IdOnly | Overflow]) -> None: ...
+
+    def upstream_connected(self) -> None: ...
+
+    def upstream_stopped(self) -> None: ...
+
+
+class UpstreamFailure(Exception):
+    """The app answered, but not with a usable event stream (remote side's fault)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    scheme: str
+    host: str
+    port: int
+    host_header: str
+    target: str
+
+    @classmethod
+    def from_url(cls, url: str) -> UpstreamTarget:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        default_port = 443 if parts.scheme == "https" else 80
+        port = parts.port or default_port
+        host = parts.hostname
+        host_header = f"[{host}]" if ":" in host else host
+        if port != default_port:
+            host_header += f":{port}"
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        return cls(parts.scheme, host, port, host_header, target)
+
+
+def _is_event_stream(content_type: bytes) -> bool:
+    # WHATWG: compare the MIME type's essence; parameters and a trailing ';' are fine.
+    essence = content_type.split(b";", 1)[0].strip().lower()
+    return essence == b"text/event-stream"
+
+
+def _header_safe(value: str) -> bool:
+    # h11 refuses leading/trailing whitespace, NUL, VT, FF in header values; such
+    # an SSE id is legal but can't travel as Last-Event-ID (pitfall P5).
+    if not value or value != value.strip(" \t"):
+        return False
+    return not any(c in value for c in "\x00\x0b\x0c\r\n")
+
+
+class Upstream:
+    """Keeps one streaming subscription alive and feeds its events to a sink."""
+
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        sink: Sink,
+        *,
+        route: str = "",
+        on_state: Callable[[UpstreamState], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.sink = sink
+        self.route = route
+        self.target = UpstreamTarget.from_url(config.url)
+        self.state = UpstreamState.IDLE
+        self.on_state = on_state
+        self.retry_hint: float | None = None  # seconds, from the upstream's `retry:`
+        # Counters (rendered by metrics).
+        self.connects = 0
+        self.failures = 0
+        self.last_error = ""
+        self.streaming_since: float | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"upstream {self.route}"
+            )
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self.state is not UpstreamState.STOPPED:
+            self._set_state(UpstreamState.IDLE)
+
+    async def wait_stopped(self) -> None:
+        task = self._task
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _set_state(self, state: UpstreamState) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        if self.on_state is not None:
+            self.on_state(state)
+
+    # -- the reconnect loop -----------------------------------------------------
+
+    def backoff_delay(self, attempt: int) -> float:
+        """Full jitter (AWS architecture blog): uniform in [0, min(cap, base*2^n)]."""
+        base = self.retry_hint if self.retry_hint is not None else self.config.backoff_base
+        base = max(base, MIN_RETRY_BASE)
+        ceiling = min(self.config.backoff_max, base * (2**attempt))
+        return self._rng.uniform(0, ceiling)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            self._set_state(UpstreamState.CONNECTING)
+            self.streaming_since = None
+            try:
+                stop = await self._stream_once()
+            except (OSError, TimeoutError, h11.ProtocolError, UpstreamFailure) as exc:
+                self.failures += 1
+                self.last_error = _describe(exc)
+                log.warning(
+                    "route=%s upstream=%s failed: %s (attempt %d)",
+                    self.route,
+                    self.config.url,
+                    self.last_error,
+                    attempt + 1,
+                )
+                stop = False
+            if stop:
+                log.warning(
+                    "route=%s upstream=%s answered 204: streams end, no reconnect "
+                    "until reload or restart",
+                    self.route,
+                    self.config.url,
+                )
+                self._set_state(UpstreamState.STOPPED)
+                self.sink.upstream_stopped()
+                return
+            if self._was_stable():
+                attempt = 0
+            delay = self.backoff_delay(attempt)
+            attempt += 1
+            self._set_state(UpstreamState.BACKOFF)
+            log.info("route=%s reconnecting to upstream in %.2fs", self.route, delay)
+            await asyncio.sleep(delay)
+
+    def _was_stable(self) -> bool:
+        """Did the last connection stream long enough to reset the backoff?"""
+        since = self.streaming_since
+        return since is not None and time.monotonic() - since >= self.config.backoff_reset
+
+    async def _stream_once(self) -> bool:
+        """One connection: returns True if the app said stop (204)."""
+        cfg, target = self.config, self.target
+        ssl_context = ssl.create_default_context() if target.scheme == "https" else None
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                reader, writer = await asyncio.open_connection(
+                    target.host,
+                    target.port,
+                    ssl=ssl_context,
+                    server_hostname=target.host if ssl_context else None,
+                    limit=READ_SIZE,
+                )
+        except TimeoutError:
+            raise UpstreamFailure(f"connect timed out after {cfg.connect_timeout:g}s") from None
+        try:
+            return await self._converse(reader, writer)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _request_headers(self) -> list[tuple[bytes, bytes]]:
+        headers: list[tuple[bytes, bytes]] = [
+            (b"Host", self.target.host_header.encode("ascii")),
+            (b"User-Agent", USER_AGENT.encode("ascii")),
+            (b"Accept", b"text/event-stream"),
+            (b"Cache-Control", b"no-cache"),
+            # h11 does not decompress; a gzipped event stream would be unparseable.
+            (b"Accept-Encoding", b"identity"),
+        ]
+        headers += [
+            (name.encode("ascii"), value.encode("utf-8")) for name, value in self.config.headers
+        ]
+        last_id = self.sink.upstream_last_id
+        if _header_safe(last_id):
+            headers.append((b"Last-Event-ID", last_id.encode("utf-8")))
+        return headers
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        request = h11.Request(
+            method="GET", target=self.target.target, headers=self._request_headers()
+        )
+        writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+        idle = self.config.idle_timeout
+        parser: Parser | None = None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    async with asyncio.timeout(idle):
+                        data = await reader.read(READ_SIZE)
+                except TimeoutError:
+                    raise UpstreamFailure(f"no bytes for {idle:g}s (read-idle watchdog)") from None
+                conn.receive_data(data)
+                if parser is not None:
+                    # Drain everything this read produced before publishing once.
+                    items = self._drain_body(conn, parser)
+                    if items is None:
+                        return False
+                    if items:
+                        self.sink.publish(items)
+                    self._note_retry(parser)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                if event.status_code == 204:
+                    return True
+                self._check_response(event)
+                parser = Parser(
+                    max_line_bytes=self.config.max_line_bytes,
+                    max_event_bytes=self.config.max_event_bytes,
+                )
+                self.connects += 1
+                self.streaming_since = time.monotonic()
+                self.sink.upstream_connected()
+                self._set_state(UpstreamState.STREAMING)
+                log.info("route=%s upstream=%s streaming", self.route, self.config.url)
+                items = self._drain_body(conn, parser)
+                if items is None:
+                    return False
+                if items:
+                    self.sink.publish(items)
+                self._note_retry(parser)
+                continue
+            if isinstance(event, h11.ConnectionClosed):
+                raise UpstreamFailure("connection closed before a response")
+            raise UpstreamFailure(f"unexpected {type(event).__name__} before the response")
+
+    def _drain_body(
+        self, conn: h11.Connection, parser: Parser
+    ) -> list[Event | IdOnly | Overflow] | None:
+        """Parse every body event h11 has ready. None means the body ended."""
+        items: list[Event | IdOnly | Overflow] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                return items
+            if isinstance(event, h11.Data):
+                items += parser.feed(bytes(event.data))
+                continue
+            if isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                # WHATWG §9.2.3: a clean end of body means "reconnect"; the
+                # unfinished block is discarded (its id is not committed).
+                items += [i for i in parser.close() if isinstance(i, Overflow)]
+                if items:
+                    self.sink.publish(items)
+                log.info("route=%s upstream ended the stream", self.route)
+                return None
+            raise UpstreamFailure(f"unexpected {type(event).__name__} in the body")
+
+    def _check_response(self, response: h11.Response) -> None:
+        if response.status_code != 200:
+            raise UpstreamFailure(f"status {response.status_code} (expected 200)")
+        content_type = b""
+        for name, value in response.headers:
+            if name == b"content-type":
+                content_type = value
+        if not _is_event_stream(content_type):
+            shown = content_type.decode("latin-1") or "none"
+            raise UpstreamFailure(f"content type {shown!r} (expected text/event-stream)")
+
+    def _note_retry(self, parser: Parser) -> None:
+        if parser.retry is not None:
+            self.retry_hint = parser.retry / 1000
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UpstreamFailure):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,102 @@
+"""The replay ring in memory: bounds, id lookup, slices."""
+
+from __future__ import annotations
+
+import pytest
+
+from ssefan.ring import Ring
+
+
+def filled(n: int, *, max_events: int = 100, max_bytes: int = 1 << 20, max_age: float = 0) -> Ring:
+    ring = Ring(max_events=max_events, max_bytes=max_bytes, max_age=max_age)
+    for i in range(n):
+        ring.append(f"id{i}", f"e{i};".encode(), now=float(i))
+    return ring
+
+
+def test_append_assigns_increasing_seqs_and_indexes_ids() -> None:
+    ring = filled(5)
+    assert (ring.first_seq, ring.next_seq, len(ring)) == (0, 5, 5)
+    assert ring.seq_of("id3") == 3
+    assert ring.seq_of("nope") is None
+    assert ring.join(1, 4) == b"e1;e2;e3;"
+    assert (ring.oldest_id, ring.newest_id) == ("id0", "id4")
+
+
+def test_count_bound_evicts_oldest_and_remembers_evicted_ids() -> None:
+    ring = filled(12, max_events=10)
+    assert (ring.first_seq, ring.next_seq) == (2, 12)
+    assert ring.seq_of("id1") is None
+    assert ring.was_evicted("id1")
+    assert not ring.was_evicted("id5")
+    assert ring.join(ring.first_seq, ring.next_seq) == b"".join(
+        f"e{i};".encode() for i in range(2, 12)
+    )
+
+
+def test_byte_bound_keeps_held_bytes_under_limit_but_never_drops_newest() -> None:
+    ring = Ring(max_events=100, max_bytes=10, max_age=0)
+    for i in range(5):
+        ring.append(str(i), b"abcd", now=0)
+    assert ring.held_bytes <= 10
+    assert ring.newest_id == "4"
+    ring.append("big", b"x" * 50, now=0)
+    assert len(ring) == 1 and ring.newest_id == "big"
+
+
+def test_age_bound_expires_old_events() -> None:
+    ring = filled(10, max_age=3.0)  # times 0..9
+    assert ring.oldest_id == "id6"
+    ring.expire(now=100.0)
+    assert len(ring) == 1 and ring.newest_id == "id9"
+
+
+def test_duplicate_ids_resolve_to_the_newest_and_survive_old_eviction() -> None:
+    ring = Ring(max_events=3, max_bytes=1 << 20, max_age=0)
+    ring.append("a", b"1", 0)
+    ring.append("a", b"2", 0)
+    ring.append("b", b"3", 0)
+    assert ring.seq_of("a") == 1
+    ring.append("c", b"4", 0)  # evicts seq 0 ("a", superseded)
+    assert ring.seq_of("a") == 1
+    assert not ring.was_evicted("a")
+
+
+@pytest.mark.parametrize(
+    ("start", "max_bytes", "expected", "stop"),
+    [
+        pytest.param(0, 1, b"e0;", 1, id="at-least-one"),
+        pytest.param(0, 7, b"e0;e1;e2;", 3, id="crosses-limit-by-one"),
+        pytest.param(3, 1000, b"e3;e4;", 5, id="to-head"),
+    ],
+)
+def test_take_returns_bounded_slices(
+    start: int, max_bytes: int, expected: bytes, stop: int
+) -> None:
+    ring = filled(5)
+    assert ring.take(start, max_bytes) == (expected, stop)
+
+
+def test_bytes_from_counts_encoded_bytes_to_head() -> None:
+    ring = filled(12, max_events=10)
+    assert ring.bytes_from(ring.next_seq) == 0
+    assert ring.bytes_from(10) == len(b"e10;e11;")
+
+
+def test_seq_since_finds_first_event_at_or_after_time() -> None:
+    ring = filled(10)  # event i at time i
+    assert ring.seq_since(4.0) == 4
+    assert ring.seq_since(4.5) == 5
+    assert ring.seq_since(-1) == ring.first_seq
+    assert ring.seq_since(50) == ring.next_seq
+
+
+def test_evicted_id_memory_is_bounded() -> None:
+    ring = filled(1000, max_events=10)
+    assert len(ring._evicted) <= 10
+    assert ring.was_evicted("id989") and not ring.was_evicted("id0")
+
+
+def test_rejects_empty_capacity() -> None:
+    with pytest.raises(ValueError, match="max_events"):
+        Ring(max_events=0, max_bytes=1, max_age=0)
