@@ -183,7 +183,8 @@ class FakeUpstream:
             body = b"" if self.status == 204 else b"nope\n"
             writer.write(
                 f"HTTP/1.1 {self.status} X\r\ncontent-length: {len(body)}\r\n"
-                "connection: close\r\n\r\n".encode() + body
+                "connection: close\r\n\r\n".encode()
+                + body
             )
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
