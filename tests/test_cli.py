@@ -1,0 +1,238 @@
+"""`ssefan` command line, called as main(argv) with real files."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from ssefan.cli import main
+from ssefan.config import Config, load_config
+
+GOOD = """\
+listen: 127.0.0.1:8080
+app: http://127.0.0.1:8000
+routes:
+  - path: /events
+    upstream: http://127.0.0.1:8000/events
+  - path: /orders
+    upstream: {url: "http://127.0.0.1:9000/orders/stream"}
+"""
+
+BAD = """\
+listen: 127.0.0.1:8080
+routes:
+  - path: /events
+    upstream: http://127.0.0.1:8000/events
+    hearbeat: 5s
+    buffer: 0
+"""
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    path = tmp_path / "good.yaml"
+    path.write_text(GOOD)
+    return path
+
+
+@pytest.fixture
+def bad(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    return path
+
+
+def fake_module(monkeypatch: pytest.MonkeyPatch, name: str, **functions: object) -> None:
+    """Stand-in for ssefan.app / ssefan.demo: the CLI imports them lazily by name."""
+    module = types.ModuleType(name)
+    for attribute, value in functions.items():
+        setattr(module, attribute, value)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+# --- check -------------------------------------------------------------------------
+
+
+def test_check_ok_prints_a_summary(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(good)]) == 0
+    out, err = capsys.readouterr()
+    assert out == (
+        "ok: 2 routes (/events -> http://127.0.0.1:8000/events,"
+        " /orders -> http://127.0.0.1:9000/orders/stream),"
+        " listen 127.0.0.1:8080, app http://127.0.0.1:8000\n"
+    )
+    assert err == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "summary"),
+    [
+        pytest.param(
+            'listen: "[::1]:9000"\nroutes:\n  - {path: /e, upstream: "http://[::1]:8000/e"}\n',
+            "ok: 1 route (/e -> http://[::1]:8000/e), listen [::1]:9000\n",
+            id="one-route-ipv6",
+        ),
+        pytest.param(
+            "listen: 0.0.0.0:80\napp: http://app:8000\n",
+            "ok: 0 routes, listen 0.0.0.0:80, app http://app:8000\n",
+            id="pass-through-only",
+        ),
+    ],
+)
+def test_check_summary_forms(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, summary: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert main(["check", "--config", str(path)]) == 0
+    assert capsys.readouterr().out == summary
+
+
+def test_check_errors_exit_2_with_every_problem(
+    bad: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", "--config", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f'{bad}: routes[0].hearbeat: unknown key; did you mean "heartbeat"?',
+        f"{bad}: routes[0].buffer: expected an integer >= 1, got 0",
+        f"found 2 problems; fix them and run 'ssefan check --config {bad}' again",
+    ]
+
+
+def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "missing config.yaml"
+    assert main(["check", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: cannot read the file: No such file or directory",
+        f"found 1 problem; fix it and run 'ssefan check --config '{path}'' again",
+    ]
+
+
+def test_check_yaml_syntax_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("listen: 127.0.0.1:8080\nroutes: [\n")
+    assert main(["check", "--config", str(path)]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith(f"{path}: line 3, column 1: invalid YAML: ")
+
+
+def test_check_needs_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check"]) == 2
+    assert "the following arguments are required: --config" in capsys.readouterr().err
+
+
+# --- serve ---------------------------------------------------------------------------
+
+
+def test_serve_passes_the_loaded_config_to_app(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    served: list[Config] = []
+
+    def serve(config: Config) -> int:
+        served.append(config)
+        return 7
+
+    fake_module(monkeypatch, "ssefan.app", serve=serve)
+    assert main(["serve", "--config", str(good)]) == 7
+    assert served == [load_config(good)]
+
+
+def test_serve_with_bad_config_exits_2_without_starting(
+    bad: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def serve(config: Config) -> int:
+        raise AssertionError("serve must not start with a bad config")
+
+    fake_module(monkeypatch, "ssefan.app", serve=serve)
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"found 2 problems; fix them and run 'ssefan check --config {bad}' again"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "level"),
+    [
+        pytest.param([], "INFO", id="default-info"),
+        pytest.param(["--log-level", "debug"], "DEBUG", id="debug"),
+        pytest.param(["--log-level", "WARNING"], "WARNING", id="case-insensitive"),
+    ],
+)
+def test_serve_log_level(
+    good: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], level: str
+) -> None:
+    configured: list[dict[str, object]] = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: configured.append(kwargs))
+    fake_module(monkeypatch, "ssefan.app", serve=lambda config: 0)
+    assert main(["serve", "--config", str(good), *argv]) == 0
+    [kwargs] = configured
+    assert kwargs["level"] == level
+    assert kwargs["stream"] is sys.stderr
+
+
+def test_serve_refuses_unknown_log_level(good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--config", str(good), "--log-level", "loud"]) == 2
+    assert "invalid choice: 'loud'" in capsys.readouterr().err
+
+
+# --- demo ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        pytest.param([], ("127.0.0.1", 8080), id="defaults"),
+        pytest.param(["--host", "0.0.0.0", "--port", "9000"], ("0.0.0.0", 9000), id="given"),
+    ],
+)
+def test_demo_runs_with_host_and_port(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], expected: tuple[str, int]
+) -> None:
+    calls: list[tuple[str, int]] = []
+
+    def run_demo(host: str, port: int) -> int:
+        calls.append((host, port))
+        return 0
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
+    fake_module(monkeypatch, "ssefan.demo", run_demo=run_demo)
+    assert main(["demo", *argv]) == 0
+    assert calls == [expected]
+
+
+@pytest.mark.parametrize("port", ["65536", "-1", "http"])
+def test_demo_refuses_bad_port(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--port", port]) == 2
+    assert f"expected a port from 0 to 65535, got '{port}'" in capsys.readouterr().err
+
+
+# --- the program -------------------------------------------------------------------------
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"ssefan {importlib.metadata.version('ssefan')}\n"
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: ssefan" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli(good: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ssefan", "check", "--config", str(good)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.startswith("ok: 2 routes (/events -> ")

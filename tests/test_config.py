@@ -1,0 +1,1267 @@
+"""YAML -> Config: every key, every unit, and the exact messages people read."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ssefan.config import (
+    Config,
+    ConfigError,
+    CorsConfig,
+    ListenConfig,
+    RouteConfig,
+    StartConfig,
+    UpstreamConfig,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config.example.yaml"
+DOCS = ROOT / "docs" / "configuration.md"
+
+MINIMAL = """\
+listen: 127.0.0.1:8080
+routes:
+  - path: /events
+    upstream: http://127.0.0.1:8000/events
+"""
+
+
+def with_route_keys(lines: str) -> str:
+    """MINIMAL with extra keys in its one route (given unindented)."""
+    return MINIMAL + textwrap.indent(textwrap.dedent(lines), "    ")
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "config.yaml")
+    return caught.value.problems
+
+
+# --- units ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        pytest.param("15s", 15.0, id="seconds"),
+        pytest.param("500ms", 0.5, id="milliseconds"),
+        pytest.param("2m", 120.0, id="minutes"),
+        pytest.param("1h", 3600.0, id="hours"),
+        pytest.param("1.5s", 1.5, id="decimal"),
+        pytest.param("10 s", 10.0, id="space-before-unit"),
+        pytest.param("0s", 0.0, id="zero-string"),
+        pytest.param(0, 0.0, id="zero"),
+        pytest.param(30, 30.0, id="plain-int-is-seconds"),
+        pytest.param(2.5, 2.5, id="plain-float-is-seconds"),
+    ],
+)
+def test_duration_parses(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+DURATION_EXPECTED = 'a duration like "15s", "500ms", "2m" or "1h" (a plain number means seconds)'
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("fast", f'expected {DURATION_EXPECTED}, got "fast"', id="word"),
+        pytest.param("15", f'expected {DURATION_EXPECTED}, got "15"', id="quoted-number"),
+        pytest.param("15sec", f'expected {DURATION_EXPECTED}, got "15sec"', id="long-unit"),
+        pytest.param("15S", f'expected {DURATION_EXPECTED}, got "15S"', id="uppercase-unit"),
+        pytest.param("1m30s", f'expected {DURATION_EXPECTED}, got "1m30s"', id="compound"),
+        pytest.param(True, f"expected {DURATION_EXPECTED}, got true", id="boolean"),
+        pytest.param(None, f"expected {DURATION_EXPECTED}, got null", id="null"),
+        pytest.param([1], f"expected {DURATION_EXPECTED}, got a list", id="list"),
+        pytest.param(-1, "expected a duration of 0 or more, got -1", id="negative"),
+        pytest.param("-5s", 'expected a duration of 0 or more, got "-5s"', id="negative-string"),
+        pytest.param(float("inf"), "expected a duration of 0 or more, got inf", id="infinite"),
+    ],
+)
+def test_duration_refused(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=r"^") as caught:
+        parse_duration(value)
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        pytest.param("512B", 512, id="bytes"),
+        pytest.param("64KiB", 64 * 1024, id="kibibytes"),
+        pytest.param("8MiB", 8 * 1024**2, id="mebibytes"),
+        pytest.param("1GiB", 1024**3, id="gibibytes"),
+        pytest.param("10kB", 10_000, id="kilobytes"),
+        pytest.param("10KB", 10_000, id="kilobytes-uppercase-k"),
+        pytest.param("3MB", 3_000_000, id="megabytes"),
+        pytest.param("1GB", 1_000_000_000, id="gigabytes"),
+        pytest.param("1.5KiB", 1536, id="decimal-to-whole-bytes"),
+        pytest.param("2 MiB", 2 * 1024**2, id="space-before-unit"),
+        pytest.param(4096, 4096, id="plain-int-is-bytes"),
+        pytest.param(0, 0, id="zero"),
+    ],
+)
+def test_size_parses(value: object, size: int) -> None:
+    assert parse_size(value) == size
+
+
+SIZE_EXPECTED = 'a size like "64KiB", "8MiB", "1GiB" or a number of bytes'
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        pytest.param("big", f'expected {SIZE_EXPECTED}, got "big"', id="word"),
+        pytest.param(
+            "8M", f'expected {SIZE_EXPECTED}, got "8M"; did you mean "8MiB"?', id="bare-M"
+        ),
+        pytest.param("8mb", f'expected {SIZE_EXPECTED}, got "8mb"; did you mean "8MB"?', id="mb"),
+        pytest.param(
+            "8 parsecs",
+            f'expected {SIZE_EXPECTED}, got "8 parsecs"; units: B, KiB, MiB, GiB, kB, KB, MB, GB',
+            id="unknown-unit",
+        ),
+        pytest.param("0.5B", 'expected a whole number of bytes, got "0.5B"', id="fractional"),
+        pytest.param(1024.0, f"expected {SIZE_EXPECTED}, got 1024.0", id="float"),
+        pytest.param(False, f"expected {SIZE_EXPECTED}, got false", id="boolean"),
+        pytest.param(-1, "expected a size of 0 or more, got -1", id="negative"),
+        pytest.param("-1KiB", 'expected a size of 0 or more, got "-1KiB"', id="negative-string"),
+    ],
+)
+def test_size_refused(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=r"^") as caught:
+        parse_size(value)
+    assert str(caught.value) == message
+
+
+# --- good configs ----------------------------------------------------------------
+
+
+def test_minimal_config_takes_every_default() -> None:
+    config = parse_config(MINIMAL, "config.yaml")
+    assert config == Config(
+        listen=ListenConfig(host="127.0.0.1", port=8080),
+        routes=(
+            RouteConfig(
+                path="/events", upstream=UpstreamConfig(url="http://127.0.0.1:8000/events")
+            ),
+        ),
+        source="config.yaml",
+    )
+
+
+def test_every_key_is_read() -> None:
+    # Every key set to a non-default value: a key the loader forgot would keep
+    # its default and this comparison would fail.
+    text = """\
+        listen: "[::1]:9090"
+        app: http://127.0.0.1:8000/
+        max_clients: 500
+        max_header_bytes: 8KiB
+        header_timeout: 3s
+        keepalive_timeout: 0
+        routes:
+          - path: /orders
+            upstream:
+              url: https://orders.internal:8443/stream?tenant=acme
+              headers: {Authorization: "Bearer s3cret", X-Tenant: "42"}
+              connect_timeout: 2s
+              idle_timeout: 90s
+              backoff_base: 500ms
+              backoff_max: 1m
+              backoff_reset: 5m
+              max_line_bytes: 64KiB
+              max_event_bytes: 256KiB
+            buffer: 50
+            buffer_bytes: 1MiB
+            buffer_age: 0
+            heartbeat: 20s
+            heartbeat_event: ping
+            retry: 2.5s
+            mode: lazy
+            linger: 10s
+            start: {events: 10}
+            on_gap: live
+            max_clients: 20
+            max_client_lag_bytes: 256KiB
+            cors:
+              allow_origins: ["https://a.example.com", "http://localhost:3000"]
+              allow_credentials: true
+              max_age: 1m
+    """
+    expected = Config(
+        listen=ListenConfig(host="::1", port=9090),
+        app="http://127.0.0.1:8000",
+        routes=(
+            RouteConfig(
+                path="/orders",
+                upstream=UpstreamConfig(
+                    url="https://orders.internal:8443/stream?tenant=acme",
+                    headers=(("Authorization", "Bearer s3cret"), ("X-Tenant", "42")),
+                    connect_timeout=2.0,
+                    idle_timeout=90.0,
+                    backoff_base=0.5,
+                    backoff_max=60.0,
+                    backoff_reset=300.0,
+                    max_line_bytes=64 * 1024,
+                    max_event_bytes=256 * 1024,
+                ),
+                buffer=50,
+                buffer_bytes=1024**2,
+                buffer_age=0.0,
+                heartbeat=20.0,
+                heartbeat_event="ping",
+                retry=2500,
+                mode="lazy",
+                linger=10.0,
+                start=StartConfig(kind="events", count=10),
+                on_gap="live",
+                max_clients=20,
+                max_client_lag_bytes=256 * 1024,
+                cors=CorsConfig(
+                    allow_origins=("https://a.example.com", "http://localhost:3000"),
+                    allow_credentials=True,
+                    max_age=60.0,
+                ),
+            ),
+        ),
+        max_clients=500,
+        max_header_bytes=8 * 1024,
+        header_timeout=3.0,
+        keepalive_timeout=0.0,
+        source="full.yaml",
+    )
+    assert parse_config(textwrap.dedent(text), "full.yaml") == expected
+
+
+def _route(config: Config) -> RouteConfig:
+    return config.routes[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "pick", "expected"),
+    [
+        pytest.param(
+            MINIMAL.replace("127.0.0.1:8080", "0.0.0.0:0"),
+            lambda c: c.listen,
+            ListenConfig(host="0.0.0.0", port=0),
+            id="listen-any-port-0",
+        ),
+        pytest.param(
+            MINIMAL.replace("127.0.0.1:8080", "localhost:65535"),
+            lambda c: c.listen,
+            ListenConfig(host="localhost", port=65535),
+            id="listen-hostname",
+        ),
+        pytest.param(
+            MINIMAL.replace("127.0.0.1:8080", '"[::]:8080"'),
+            lambda c: c.listen,
+            ListenConfig(host="::", port=8080),
+            id="listen-ipv6-any",
+        ),
+        pytest.param(
+            "listen: 127.0.0.1:8080\napp: https://app.internal\n",
+            lambda c: (c.app, c.routes),
+            ("https://app.internal", ()),
+            id="no-routes-with-app",
+        ),
+        pytest.param(
+            "listen: 127.0.0.1:8080\napp: http://127.0.0.1:8000\nroutes: []\n",
+            lambda c: c.routes,
+            (),
+            id="empty-routes-with-app",
+        ),
+        pytest.param(
+            with_route_keys("start: live"),
+            lambda c: _route(c).start,
+            StartConfig(kind="live"),
+            id="start-live",
+        ),
+        pytest.param(
+            with_route_keys("start: {age: 30s}"),
+            lambda c: _route(c).start,
+            StartConfig(kind="age", age=30.0),
+            id="start-age",
+        ),
+        pytest.param(
+            with_route_keys("start: {events: 1000}"),
+            lambda c: _route(c).start,
+            StartConfig(kind="events", count=1000),
+            id="start-events-equal-to-buffer",
+        ),
+        pytest.param(
+            with_route_keys("start: {age: 2h}\nbuffer_age: 0"),
+            lambda c: _route(c).start,
+            StartConfig(kind="age", age=7200.0),
+            id="start-age-without-age-bound",
+        ),
+        pytest.param(
+            with_route_keys("retry: 3000ms"),
+            lambda c: _route(c).retry,
+            3000,
+            id="retry-milliseconds",
+        ),
+        pytest.param(
+            with_route_keys("retry: 1.5s"),
+            lambda c: _route(c).retry,
+            1500,
+            id="retry-seconds",
+        ),
+        pytest.param(
+            with_route_keys("retry: null\nheartbeat_event: null\nmax_clients: null\ncors: null"),
+            lambda c: (
+                _route(c).retry,
+                _route(c).heartbeat_event,
+                _route(c).max_clients,
+                _route(c).cors,
+            ),
+            (None, None, None, None),
+            id="explicit-nulls",
+        ),
+        pytest.param(
+            with_route_keys('cors: {allow_origins: ["*"]}'),
+            lambda c: _route(c).cors,
+            CorsConfig(allow_origins=("*",)),
+            id="cors-wildcard",
+        ),
+        pytest.param(
+            with_route_keys(
+                "cors:\n  allow_origins:\n"
+                "    - HTTPS://App.Example.com:443\n"
+                "    - http://localhost:80\n"
+                "    - http://[::1]:3000\n"
+                "    - chrome-extension://abcdef\n"
+            ),
+            lambda c: _route(c).cors.allow_origins,
+            (
+                "https://app.example.com",
+                "http://localhost",
+                "http://[::1]:3000",
+                "chrome-extension://abcdef",
+            ),
+            id="origins-normalised-as-browsers-send-them",
+        ),
+        pytest.param(
+            with_route_keys("cors: {allow_origins: [https://a.example], allow_credentials: yes}"),
+            lambda c: _route(c).cors.allow_credentials,
+            True,
+            id="yaml-1.1-yes-is-a-boolean",
+        ),
+        pytest.param(
+            MINIMAL.replace(
+                "upstream: http://127.0.0.1:8000/events",
+                "upstream: {url: 'http://[::1]:8000/events?x=1'}",
+            ),
+            lambda c: _route(c).upstream,
+            UpstreamConfig(url="http://[::1]:8000/events?x=1"),
+            id="upstream-mapping-with-only-url",
+        ),
+        pytest.param(
+            "\ufeff" + MINIMAL,
+            lambda c: c.listen.port,
+            8080,
+            id="byte-order-mark",
+        ),
+        pytest.param(
+            MINIMAL.replace("/events\n", "/events/\n", 1),
+            lambda c: _route(c).path,
+            "/events/",
+            id="path-trailing-slash-kept",
+        ),
+        pytest.param(
+            with_route_keys("buffer_age: 1:30"),
+            lambda c: _route(c).buffer_age,
+            90.0,
+            id="yaml-1.1-sexagesimal-is-seconds",
+        ),
+    ],
+)
+def test_good_config(text: str, pick: Callable[[Config], object], expected: object) -> None:
+    assert pick(parse_config(text, "config.yaml")) == expected
+
+
+def test_source_is_the_file_path(tmp_path: Path) -> None:
+    path = tmp_path / "ssefan.yaml"
+    path.write_text(MINIMAL)
+    assert load_config(path).source == str(path)
+    assert load_config(str(path)).source == str(path)
+
+
+def test_parse_config_source_defaults_to_string() -> None:
+    assert parse_config(MINIMAL).source == "<string>"
+
+
+# --- bad configs -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # top level
+        pytest.param(
+            "",
+            ["config.yaml: the file is empty; expected a mapping with at least listen and routes"],
+            id="empty-file",
+        ),
+        pytest.param(
+            "- listen: 127.0.0.1:8080\n",
+            ["config.yaml: expected a mapping of settings (listen, app, routes, ...), got a list"],
+            id="top-level-list",
+        ),
+        pytest.param(
+            "routes: []\napp: http://x\n",
+            [
+                "config.yaml: listen: missing; expected the address to serve on,"
+                ' like "127.0.0.1:8080"'
+            ],
+            id="listen-missing",
+        ),
+        pytest.param(
+            "listen: 127.0.0.1:8080\n",
+            [
+                "config.yaml: routes: no routes and no app: add at least one route,"
+                " or set app to only pass requests through"
+            ],
+            id="nothing-to-serve",
+        ),
+        pytest.param(
+            "listen: 127.0.0.1:8080\nroutes: {path: /events}\n",
+            ["config.yaml: routes: expected a list of routes (- path: ...), got a mapping"],
+            id="routes-not-a-list",
+        ),
+        pytest.param(
+            MINIMAL + "listen_port: 80\n",
+            ['config.yaml: listen_port: unknown key; did you mean "listen"?'],
+            id="top-did-you-mean",
+        ),
+        pytest.param(
+            MINIMAL + "zzz: 1\n",
+            [
+                "config.yaml: zzz: unknown key; expected one of: listen, app, routes,"
+                " max_clients, max_header_bytes, header_timeout, keepalive_timeout"
+            ],
+            id="top-unknown-no-suggestion",
+        ),
+        pytest.param(
+            MINIMAL + "heartbeat: 5s\n",
+            [
+                'config.yaml: heartbeat: unknown key here; "heartbeat" belongs to a route:'
+                " put it under each entry of routes"
+            ],
+            id="route-key-at-top",
+        ),
+        pytest.param(
+            MINIMAL + "allow_origins: ['*']\n",
+            [
+                'config.yaml: allow_origins: unknown key here; "allow_origins" belongs'
+                " under a route's cors"
+            ],
+            id="cors-key-at-top",
+        ),
+        pytest.param(
+            MINIMAL + "max_clients: 0\n",
+            ["config.yaml: max_clients: expected an integer >= 1, got 0"],
+            id="max-clients-zero",
+        ),
+        pytest.param(
+            MINIMAL + "max_header_bytes: 0\n",
+            ["config.yaml: max_header_bytes: expected a size greater than 0, got 0"],
+            id="max-header-bytes-zero",
+        ),
+        pytest.param(
+            MINIMAL + "header_timeout: 0s\n",
+            ['config.yaml: header_timeout: expected a duration greater than 0, got "0s"'],
+            id="header-timeout-zero",
+        ),
+        # listen
+        *[
+            pytest.param(
+                MINIMAL.replace("127.0.0.1:8080", listen),
+                [f"config.yaml: listen: {message}"],
+                id=case_id,
+            )
+            for listen, message, case_id in [
+                (
+                    ":8080",
+                    'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080", got ":8080";'
+                    ' write "127.0.0.1:8080" (this host only) or "0.0.0.0:8080" (every interface)',
+                    "listen-no-host",
+                ),
+                (
+                    "8080",
+                    'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080", got 8080;'
+                    ' write "127.0.0.1:8080" (this host only) or "0.0.0.0:8080" (every interface)',
+                    "listen-bare-port",
+                ),
+                (
+                    "localhost",
+                    'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080", got "localhost"',
+                    "listen-no-port",
+                ),
+                (
+                    "127.0.0.1:65536",
+                    'expected a port from 0 to 65535, got "127.0.0.1:65536"',
+                    "listen-port-too-big",
+                ),
+                (
+                    "127.0.0.1:http",
+                    'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080",'
+                    ' got "127.0.0.1:http"',
+                    "listen-port-name",
+                ),
+                (
+                    "'::1:8080'",
+                    'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080", got "::1:8080";'
+                    " put IPv6 addresses in brackets",
+                    "listen-ipv6-without-brackets",
+                ),
+                (
+                    "'[127.0.0.1]:80'",
+                    'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080",'
+                    ' got "[127.0.0.1]:80"; "127.0.0.1" is not a valid host',
+                    "listen-ipv4-in-brackets",
+                ),
+                (
+                    "999.0.0.1:80",
+                    'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080",'
+                    ' got "999.0.0.1:80"; "999.0.0.1" is not a valid host',
+                    "listen-bad-ipv4",
+                ),
+                (
+                    "my_host:80",
+                    'expected "host:port" like "127.0.0.1:8080" or "[::1]:8080",'
+                    ' got "my_host:80"; "my_host" is not a valid host',
+                    "listen-bad-hostname",
+                ),
+            ]
+        ],
+        # app
+        *[
+            pytest.param(
+                f"listen: 127.0.0.1:8080\napp: {app}\n",
+                [f"config.yaml: app: {message}"],
+                id=case_id,
+            )
+            for app, message, case_id in [
+                (
+                    "127.0.0.1:8000",
+                    'expected an http:// or https:// URL like "http://127.0.0.1:8000",'
+                    ' got "127.0.0.1:8000"',
+                    "app-no-scheme",
+                ),
+                (
+                    "ftp://files",
+                    'expected an http:// or https:// URL like "http://127.0.0.1:8000",'
+                    ' got "ftp://files"',
+                    "app-ftp",
+                ),
+                (
+                    "http://",
+                    'expected an http:// or https:// URL like "http://127.0.0.1:8000",'
+                    ' got "http://"',
+                    "app-no-host",
+                ),
+                (
+                    "http://127.0.0.1:8000/api",
+                    'expected only scheme://host:port, like "http://127.0.0.1:8000",'
+                    ' got "http://127.0.0.1:8000/api": each request keeps its own path and query',
+                    "app-path",
+                ),
+                (
+                    "http://127.0.0.1:8000?x=1",
+                    'expected only scheme://host:port, like "http://127.0.0.1:8000",'
+                    ' got "http://127.0.0.1:8000?x=1": each request keeps its own path and query',
+                    "app-query",
+                ),
+                (
+                    "'http://127.0.0.1:8000#top'",
+                    "expected a URL without #fragment (it is never sent),"
+                    ' got "http://127.0.0.1:8000#top"',
+                    "app-fragment",
+                ),
+                (
+                    "http://127.0.0.1:0",
+                    'expected a port from 1 to 65535 in the URL, got "http://127.0.0.1:0"',
+                    "app-port-zero",
+                ),
+                (
+                    "http://127.0.0.1:99999",
+                    'expected a port from 1 to 65535 in the URL, got "http://127.0.0.1:99999"',
+                    "app-port-too-big",
+                ),
+                (
+                    "http://admin:hunter2@127.0.0.1:8000",
+                    "the URL must not contain user:password@ (URLs are logged);"
+                    " send credentials with upstream headers such as Authorization",
+                    "app-credentials-not-echoed",
+                ),
+            ]
+        ],
+        # routes and their keys
+        pytest.param(
+            "listen: 127.0.0.1:8080\nroutes: [/events]\n",
+            [
+                "config.yaml: routes[0]: expected a mapping with at least path and upstream,"
+                ' got "/events"'
+            ],
+            id="route-not-a-mapping",
+        ),
+        pytest.param(
+            "listen: 127.0.0.1:8080\nroutes:\n  - {buffer: 5}\n",
+            [
+                "config.yaml: routes[0].path: missing; expected the path clients request,"
+                ' like "/events"',
+                "config.yaml: routes[0].upstream: missing; expected the URL of the app's stream,"
+                ' like "http://127.0.0.1:8000/events"',
+            ],
+            id="route-required-keys",
+        ),
+        pytest.param(
+            MINIMAL.replace("path: /events", "path: events"),
+            [
+                'config.yaml: routes[0].path: expected a path starting with "/", like "/events",'
+                ' got "events"'
+            ],
+            id="path-relative",
+        ),
+        pytest.param(
+            MINIMAL.replace("path: /events", "path: /events?topic=a"),
+            [
+                'config.yaml: routes[0].path: expected a path starting with "/", like "/events"'
+                ' without ? or #, got "/events?topic=a": routes match on the path alone'
+                " (clients add their own query, e.g. last_event_id)"
+            ],
+            id="path-query",
+        ),
+        pytest.param(
+            MINIMAL.replace("path: /events", "path: '/my events'"),
+            [
+                'config.yaml: routes[0].path: expected a path starting with "/", like "/events",'
+                ' got "/my events"'
+            ],
+            id="path-space",
+        ),
+        pytest.param(
+            MINIMAL + "  - path: /events\n    upstream: http://127.0.0.1:8000/other\n",
+            [
+                'config.yaml: routes[1].path: "/events" is already the path of routes[0];'
+                " each path serves one stream"
+            ],
+            id="duplicate-path",
+        ),
+        pytest.param(
+            with_route_keys("hearbeat: 5s"),
+            ['config.yaml: routes[0].hearbeat: unknown key; did you mean "heartbeat"?'],
+            id="route-did-you-mean",
+        ),
+        pytest.param(
+            with_route_keys("headers: {Authorization: x}"),
+            [
+                'config.yaml: routes[0].headers: unknown key here; "headers" belongs under'
+                " upstream (use its mapping form with url)"
+            ],
+            id="upstream-key-in-route",
+        ),
+        pytest.param(
+            with_route_keys("allow_credentials: true"),
+            [
+                "config.yaml: routes[0].allow_credentials: unknown key here;"
+                ' "allow_credentials" belongs under cors'
+            ],
+            id="cors-key-in-route",
+        ),
+        pytest.param(
+            with_route_keys("buffer: abc"),
+            ['config.yaml: routes[0].buffer: expected an integer >= 1, got "abc"'],
+            id="buffer-word",
+        ),
+        pytest.param(
+            with_route_keys("buffer: 0"),
+            ["config.yaml: routes[0].buffer: expected an integer >= 1, got 0"],
+            id="buffer-zero",
+        ),
+        pytest.param(
+            with_route_keys("buffer: 10.5"),
+            ["config.yaml: routes[0].buffer: expected an integer >= 1, got 10.5"],
+            id="buffer-float",
+        ),
+        pytest.param(
+            with_route_keys("buffer: true"),
+            ["config.yaml: routes[0].buffer: expected an integer >= 1, got true"],
+            id="buffer-boolean",
+        ),
+        pytest.param(
+            with_route_keys("buffer_bytes: 0KiB"),
+            ['config.yaml: routes[0].buffer_bytes: expected a size greater than 0, got "0KiB"'],
+            id="buffer-bytes-zero",
+        ),
+        pytest.param(
+            with_route_keys("max_client_lag_bytes: 8M"),
+            [
+                "config.yaml: routes[0].max_client_lag_bytes: expected a size like"
+                ' "64KiB", "8MiB", "1GiB" or a number of bytes, got "8M"; did you mean "8MiB"?'
+            ],
+            id="lag-bytes-unit",
+        ),
+        pytest.param(
+            with_route_keys("heartbeat: fast"),
+            [f'config.yaml: routes[0].heartbeat: expected {DURATION_EXPECTED}, got "fast"'],
+            id="heartbeat-word",
+        ),
+        pytest.param(
+            with_route_keys("heartbeat: 0"),
+            ["config.yaml: routes[0].heartbeat: expected a duration greater than 0, got 0"],
+            id="heartbeat-zero",
+        ),
+        pytest.param(
+            with_route_keys("heartbeat:"),
+            [f"config.yaml: routes[0].heartbeat: expected {DURATION_EXPECTED}, got null"],
+            id="heartbeat-empty",
+        ),
+        pytest.param(
+            with_route_keys("buffer_age: -1"),
+            ["config.yaml: routes[0].buffer_age: expected a duration of 0 or more, got -1"],
+            id="buffer-age-negative",
+        ),
+        pytest.param(
+            with_route_keys("heartbeat_event: ''"),
+            [
+                'config.yaml: routes[0].heartbeat_event: expected an event name like "heartbeat"'
+                ' (not empty, no CR or LF), got ""'
+            ],
+            id="heartbeat-event-empty",
+        ),
+        pytest.param(
+            with_route_keys('heartbeat_event: "ping\\nid: 1"'),
+            [
+                'config.yaml: routes[0].heartbeat_event: expected an event name like "heartbeat"'
+                ' (not empty, no CR or LF), got "ping\\nid: 1"'
+            ],
+            id="heartbeat-event-newline",
+        ),
+        pytest.param(
+            with_route_keys("heartbeat_event: message"),
+            [
+                'config.yaml: routes[0].heartbeat_event: expected a name other than "message",'
+                " which EventSource delivers to onmessage with the real events;"
+                ' use e.g. "heartbeat"'
+            ],
+            id="heartbeat-event-message",
+        ),
+        pytest.param(
+            with_route_keys("retry: 3000"),
+            [
+                'config.yaml: routes[0].retry: expected a duration with a unit, like "3s" or'
+                ' "3000ms", got 3000: a bare number is ambiguous here'
+                " (SSE counts retry in milliseconds)"
+            ],
+            id="retry-bare-number",
+        ),
+        pytest.param(
+            with_route_keys("retry: soon"),
+            [f'config.yaml: routes[0].retry: expected {DURATION_EXPECTED}, got "soon"'],
+            id="retry-word",
+        ),
+        pytest.param(
+            with_route_keys("mode: lazzy"),
+            ['config.yaml: routes[0].mode: expected "eager" or "lazy", got "lazzy"'],
+            id="mode",
+        ),
+        pytest.param(
+            with_route_keys("on_gap: skip"),
+            ['config.yaml: routes[0].on_gap: expected "replay" or "live", got "skip"'],
+            id="on-gap",
+        ),
+        pytest.param(
+            with_route_keys("max_clients: -5"),
+            ["config.yaml: routes[0].max_clients: expected an integer >= 1, got -5"],
+            id="route-max-clients",
+        ),
+        # start
+        pytest.param(
+            with_route_keys("start: events"),
+            [
+                'config.yaml: routes[0].start: expected "live", {events: N} or'
+                ' {age: DURATION}, got "events"'
+            ],
+            id="start-word",
+        ),
+        pytest.param(
+            with_route_keys("start: {events: 5, age: 1m}"),
+            ["config.yaml: routes[0].start: expected exactly one of events or age"],
+            id="start-both",
+        ),
+        pytest.param(
+            with_route_keys("start: {}"),
+            ["config.yaml: routes[0].start: expected exactly one of events or age"],
+            id="start-empty",
+        ),
+        pytest.param(
+            with_route_keys("start: {evnts: 5}"),
+            ['config.yaml: routes[0].start.evnts: unknown key; did you mean "events"?'],
+            id="start-did-you-mean",
+        ),
+        pytest.param(
+            with_route_keys("start: {events: 0}"),
+            ["config.yaml: routes[0].start.events: expected an integer >= 1, got 0"],
+            id="start-events-zero",
+        ),
+        pytest.param(
+            with_route_keys("buffer: 100\nstart: {events: 101}"),
+            [
+                "config.yaml: routes[0].start.events: expected at most buffer (100) events,"
+                " got 101: the ring never holds more; raise buffer or start with fewer"
+            ],
+            id="start-events-over-buffer",
+        ),
+        pytest.param(
+            with_route_keys("start: {age: 2h}"),
+            [
+                "config.yaml: routes[0].start.age: expected at most buffer_age (1h), got 2h:"
+                " older events are already evicted"
+            ],
+            id="start-age-over-buffer-age",
+        ),
+        # upstream
+        pytest.param(
+            MINIMAL.replace("http://127.0.0.1:8000/events", "127.0.0.1:8000/events"),
+            [
+                "config.yaml: routes[0].upstream: expected an http:// or https:// URL like"
+                ' "http://127.0.0.1:8000/events", got "127.0.0.1:8000/events"'
+            ],
+            id="upstream-no-scheme",
+        ),
+        pytest.param(
+            MINIMAL.replace("http://127.0.0.1:8000/events", "[http://a/events]"),
+            [
+                "config.yaml: routes[0].upstream: expected a URL like"
+                ' "http://127.0.0.1:8000/events" or a mapping with url (and headers, ...),'
+                " got a list"
+            ],
+            id="upstream-list",
+        ),
+        pytest.param(
+            MINIMAL.replace("http://127.0.0.1:8000/events", "https://bot:pw@app/events"),
+            [
+                "config.yaml: routes[0].upstream: the URL must not contain user:password@"
+                " (URLs are logged); send credentials with upstream headers such as Authorization"
+            ],
+            id="upstream-credentials-not-echoed",
+        ),
+        pytest.param(
+            MINIMAL.replace("http://127.0.0.1:8000/events", "{uri: http://a/events}"),
+            [
+                'config.yaml: routes[0].upstream.uri: unknown key; did you mean "url"?',
+                "config.yaml: routes[0].upstream.url: missing; expected the URL of the app's"
+                ' stream, like "http://127.0.0.1:8000/events"',
+            ],
+            id="upstream-mapping-did-you-mean",
+        ),
+        pytest.param(
+            MINIMAL.replace(
+                "http://127.0.0.1:8000/events",
+                "{url: 'http://a/e', backoff_base: 10s, backoff_max: 5s}",
+            ),
+            [
+                "config.yaml: routes[0].upstream.backoff_max: expected at least backoff_base"
+                " (10s), got 5s"
+            ],
+            id="backoff-max-below-base",
+        ),
+        pytest.param(
+            MINIMAL.replace(
+                "http://127.0.0.1:8000/events",
+                "{url: 'http://a/e', max_line_bytes: 8MiB}",
+            ),
+            [
+                "config.yaml: routes[0].upstream.max_line_bytes: expected at most"
+                " max_event_bytes (4MiB), got 8MiB: a line is part of an event"
+            ],
+            id="line-over-event",
+        ),
+        pytest.param(
+            MINIMAL.replace(
+                "http://127.0.0.1:8000/events",
+                "{url: 'http://a/e', connect_timeout: 0, idle_timeout: soon}",
+            ),
+            [
+                "config.yaml: routes[0].upstream.connect_timeout: expected a duration greater"
+                " than 0, got 0",
+                f"config.yaml: routes[0].upstream.idle_timeout: expected {DURATION_EXPECTED},"
+                ' got "soon"',
+            ],
+            id="upstream-timeouts",
+        ),
+        # upstream headers
+        *[
+            pytest.param(
+                MINIMAL.replace(
+                    "http://127.0.0.1:8000/events", f"{{url: 'http://a/e', headers: {headers}}}"
+                ),
+                [f"config.yaml: routes[0].upstream.headers{where}: {message}"],
+                id=case_id,
+            )
+            for headers, where, message, case_id in [
+                (
+                    "[Authorization]",
+                    "",
+                    "expected a mapping of header names to values, like {Authorization:"
+                    ' "Bearer ..."}, got a list',
+                    "headers-list",
+                ),
+                (
+                    "{'X Tenant': a}",
+                    '["X Tenant"]',
+                    "not a valid HTTP header name; use letters, digits and !#$%&'*+-.^_`|~ only"
+                    " (RFC 9110 §5.6.2)",
+                    "header-name-space",
+                ),
+                (
+                    "{'Authorization': \"Bearer s3cret\\r\\nX-Evil: 1\"}",
+                    ".Authorization",
+                    "the value must not contain CR, LF or NUL"
+                    " (value not shown: it may be a secret)",
+                    "header-value-crlf-not-echoed",
+                ),
+                (
+                    "{'Authorization': \"Bearer s3cret\\0\"}",
+                    ".Authorization",
+                    "the value must not contain CR, LF or NUL"
+                    " (value not shown: it may be a secret)",
+                    "header-value-nul",
+                ),
+                (
+                    "{'Authorization': ' Bearer s3cret'}",
+                    ".Authorization",
+                    "the value must be printable ASCII without leading or trailing spaces"
+                    " (value not shown: it may be a secret)",
+                    "header-value-leading-space",
+                ),
+                (
+                    "{'X-Tenant': 42}",
+                    ".X-Tenant",
+                    "expected a string value, got a number; put the value in quotes",
+                    "header-value-number",
+                ),
+                (
+                    "{'Host': example.com}",
+                    ".Host",
+                    "Host cannot be set here: it comes from the upstream URL",
+                    "header-host-managed",
+                ),
+                (
+                    "{'last-event-id': '5'}",
+                    ".last-event-id",
+                    "last-event-id cannot be set here: ssefan sends it itself to resume the stream",
+                    "header-last-event-id-managed",
+                ),
+                (
+                    "{'X-Tenant': a, 'x-tenant': b}",
+                    ".x-tenant",
+                    "repeats X-Tenant (header names ignore case); keep one",
+                    "header-repeated-in-other-case",
+                ),
+            ]
+        ],
+        # cors
+        pytest.param(
+            with_route_keys("cors: {allow_credentials: true}"),
+            [
+                "config.yaml: routes[0].cors.allow_origins: missing; expected a list of origins"
+                ' like ["https://app.example.com"] or ["*"]'
+            ],
+            id="cors-origins-missing",
+        ),
+        pytest.param(
+            with_route_keys("cors: {allow_origins: '*'}"),
+            [
+                "config.yaml: routes[0].cors.allow_origins: expected a list of origins like"
+                ' ["https://app.example.com"] or ["*"], got "*"'
+            ],
+            id="cors-origins-string",
+        ),
+        pytest.param(
+            with_route_keys("cors: {allow_origins: []}"),
+            [
+                "config.yaml: routes[0].cors.allow_origins: expected a list of origins like"
+                ' ["https://app.example.com"] or ["*"], got an empty list'
+            ],
+            id="cors-origins-empty",
+        ),
+        pytest.param(
+            with_route_keys("cors: {allow_origins: ['*', 'https://a.example']}"),
+            [
+                'config.yaml: routes[0].cors.allow_origins: "*" already allows every origin;'
+                ' use ["*"] alone or list origins'
+            ],
+            id="cors-wildcard-and-origin",
+        ),
+        pytest.param(
+            with_route_keys("cors: {allow_origins: ['*'], allow_credentials: true}"),
+            [
+                'config.yaml: routes[0].cors: allow_origins ["*"] with allow_credentials: true:'
+                " browsers reject credentials with a wildcard origin; list the origins"
+            ],
+            id="cors-wildcard-with-credentials",
+        ),
+        pytest.param(
+            with_route_keys(
+                "cors: {allow_origins: [https://a.example], allow_credentials: 'true'}"
+            ),
+            [
+                "config.yaml: routes[0].cors.allow_credentials: expected true or false,"
+                ' got "true"; remove the quotes'
+            ],
+            id="cors-credentials-quoted",
+        ),
+        pytest.param(
+            with_route_keys("cors: {allow_origins: [https://a.example], allow_credentials: 1}"),
+            ["config.yaml: routes[0].cors.allow_credentials: expected true or false, got 1"],
+            id="cors-credentials-number",
+        ),
+        *[
+            pytest.param(
+                with_route_keys(f"cors: {{allow_origins: ['{origin}']}}"),
+                [
+                    "config.yaml: routes[0].cors.allow_origins[0]: expected an origin like"
+                    ' "https://app.example.com" (scheme://host[:port], no path),'
+                    f' got "{origin}"{hint}'
+                ],
+                id=case_id,
+            )
+            for origin, hint, case_id in [
+                ("https://app.example.com/", '; drop the trailing "/"', "origin-trailing-slash"),
+                ("https://app.example.com/app", "", "origin-path"),
+                ("app.example.com", "", "origin-no-scheme"),
+                ("https://", "", "origin-no-host"),
+                ("https://app.example.com?x", "", "origin-query"),
+                ("https://u@app.example.com", "", "origin-userinfo"),
+                ("https://app.example.com:99999", "", "origin-bad-port"),
+                ("null", "", "origin-null"),
+            ]
+        ],
+    ],
+)
+def test_bad_config(text: str, expected: list[str]) -> None:
+    assert problems(text) == expected
+
+
+def test_secrets_never_appear_in_messages() -> None:
+    text = MINIMAL.replace(
+        "http://127.0.0.1:8000/events",
+        "{url: 'https://bot:hunter2@a/e', headers: {Authorization: \"Bearer hunter2\\n\"}}",
+    )
+    found = problems(text)
+    assert len(found) == 2
+    assert not any("hunter2" in line for line in found)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = """\
+        listen: localhost
+        app: ftp://x
+        max_clients: lots
+        routes:
+          - path: /a
+            upstream: http://127.0.0.1:8000/a
+            hearbeat: 5s
+            buffer: 0
+            cors: {allow_origins: ["*"], allow_credentials: true}
+          - path: /a
+            upstream:
+              url: http://127.0.0.1:8000/b
+              headers: {"Bad Name": x}
+            heartbeat: fast
+            start: {events: 10, age: 1m}
+        header_timeout: never
+    """
+    assert problems(textwrap.dedent(text)) == [
+        'config.yaml: listen: expected "host:port" like "127.0.0.1:8080" or "[::1]:8080",'
+        ' got "localhost"',
+        'config.yaml: app: expected an http:// or https:// URL like "http://127.0.0.1:8000",'
+        ' got "ftp://x"',
+        'config.yaml: routes[0].hearbeat: unknown key; did you mean "heartbeat"?',
+        "config.yaml: routes[0].buffer: expected an integer >= 1, got 0",
+        'config.yaml: routes[0].cors: allow_origins ["*"] with allow_credentials: true:'
+        " browsers reject credentials with a wildcard origin; list the origins",
+        'config.yaml: routes[1].upstream.headers["Bad Name"]: not a valid HTTP header name;'
+        " use letters, digits and !#$%&'*+-.^_`|~ only (RFC 9110 §5.6.2)",
+        f'config.yaml: routes[1].heartbeat: expected {DURATION_EXPECTED}, got "fast"',
+        "config.yaml: routes[1].start: expected exactly one of events or age",
+        'config.yaml: routes[1].path: "/a" is already the path of routes[0];'
+        " each path serves one stream",
+        'config.yaml: max_clients: expected an integer >= 1, got "lots"',
+        f'config.yaml: header_timeout: expected {DURATION_EXPECTED}, got "never"',
+    ]
+
+
+def test_config_error_text_is_one_problem_per_line() -> None:
+    err = ConfigError(["a.yaml: x: first", "a.yaml: y: second"])
+    assert str(err) == "a.yaml: x: first\na.yaml: y: second"
+    assert err.problems == ["a.yaml: x: first", "a.yaml: y: second"]
+
+
+# --- YAML itself and the file ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "listen: 127.0.0.1:8080\nroutes:\n  - path: /a\n    upstream: a: b\n",
+            "config.yaml: line 4, column 16: invalid YAML: mapping values are not allowed here",
+            id="mapping-in-scalar",
+        ),
+        pytest.param(
+            "listen: 127.0.0.1:8080\nroutes: [/a, /b\n",
+            "config.yaml: line 3, column 1: invalid YAML: expected ',' or ']', but got"
+            " '<stream end>' (while parsing a flow sequence that started at line 2, column 9)",
+            id="unclosed-flow-sequence",
+        ),
+        pytest.param(
+            "listen: 127.0.0.1:8080\nroutes:\n\t- path: /a\n",
+            "config.yaml: line 3, column 1: invalid YAML: found character '\\t' that cannot"
+            " start any token; indent with spaces: YAML does not allow tabs",
+            id="tab-indent",
+        ),
+        pytest.param(
+            "listen: [::1]:8080\n",
+            "config.yaml: line 1, column 10: invalid YAML: expected the node content,"
+            " but found ':'; quote bracketed IPv6 addresses, e.g. listen: \"[::1]:8080\"",
+            id="unquoted-ipv6",
+        ),
+    ],
+)
+def test_yaml_syntax_error_names_line_and_column(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_duplicate_keys_are_reported_with_both_lines() -> None:
+    text = MINIMAL + "    heartbeat: 5s\n    heartbeat: 10s\nlisten: 0.0.0.0:80\n"
+    assert problems(text) == [
+        'config.yaml: line 6, column 5: duplicate key "heartbeat" (first at line 5, column 5);'
+        " YAML would silently keep only the last one, so remove one of them",
+        'config.yaml: line 7, column 1: duplicate key "listen" (first at line 1, column 1);'
+        " YAML would silently keep only the last one, so remove one of them",
+    ]
+
+
+def test_merge_keys_may_be_overridden() -> None:
+    text = """\
+        listen: 127.0.0.1:8080
+        routes:
+          - &first
+            path: /a
+            upstream: http://127.0.0.1:8000/a
+            heartbeat: 5s
+          - <<: *first
+            path: /b
+            heartbeat: 7s
+    """
+    config = parse_config(textwrap.dedent(text))
+    assert [(r.path, r.upstream.url, r.heartbeat) for r in config.routes] == [
+        ("/a", "http://127.0.0.1:8000/a", 5.0),
+        ("/b", "http://127.0.0.1:8000/a", 7.0),
+    ]
+
+
+def test_yaml_tags_for_python_objects_are_refused() -> None:
+    text = "listen: !!python/object/apply:os.getcwd []\n"
+    [message] = problems(text)
+    assert message.startswith("config.yaml: line 1, column 9: invalid YAML: could not determine")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: cannot read the file: No such file or directory"]
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert caught.value.problems == [f"{tmp_path}: cannot read the file: Is a directory"]
+
+
+def test_file_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"listen: caf\xe9:80\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: not UTF-8 text (byte 0xe9 at offset 11)"]
+
+
+def test_file_problems_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(MINIMAL + "max_clients: 0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: max_clients: expected an integer >= 1, got 0"]
+
+
+# --- the example file and the docs -------------------------------------------------
+
+
+def _uncomment_second_route(text: str) -> str:
+    # The commented-out route is written as "  # - path: ..." / "  #   key: ...".
+    return re.sub(r"^  # (?=- |  )", "  ", text, flags=re.MULTILINE)
+
+
+def test_example_file_loads() -> None:
+    config = load_config(EXAMPLE)
+    assert config.listen == ListenConfig(host="127.0.0.1", port=8080)
+    assert config.app == "http://127.0.0.1:8000"
+    [route] = config.routes
+    assert route.path == "/events"
+    assert route.upstream == UpstreamConfig(url="http://127.0.0.1:8000/events")
+    assert route.cors == CorsConfig(allow_origins=("https://app.example.com",))
+
+
+def test_example_values_are_the_defaults() -> None:
+    # The example writes each optional key with its default, and its comments
+    # say "default ...": both must stay true when a default changes.
+    config = load_config(EXAMPLE)
+    defaults = Config(listen=config.listen, app=config.app, source=config.source)
+    assert dataclasses.replace(config, routes=()) == defaults
+    route = config.routes[0]
+    assert route == RouteConfig(path=route.path, upstream=route.upstream, cors=route.cors)
+
+
+def test_example_second_route_loads_when_uncommented() -> None:
+    text = _uncomment_second_route(EXAMPLE.read_text())
+    config = parse_config(text, "config.example.yaml")
+    second = config.routes[1]
+    assert second.path == "/orders/stream"
+    assert second.upstream == UpstreamConfig(
+        url="https://orders.internal.example.com/stream?tenant=acme",
+        headers=(("Authorization", "Bearer change-me"),),
+    )
+    assert second.start == StartConfig(kind="events", count=10)
+
+
+KEY_CLASSES = [Config, RouteConfig, UpstreamConfig, CorsConfig]
+NOT_KEYS = {"source"}  # Config.source is the file's path, not something written in it
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted({f.name for cls in KEY_CLASSES for f in dataclasses.fields(cls)} - NOT_KEYS),
+)
+def test_every_key_is_documented(name: str) -> None:
+    example = _uncomment_second_route(EXAMPLE.read_text())
+    # A key line, possibly still commented out ("# retry: 3s"), or inside {...}.
+    assert re.search(rf"^\s*(#\s*)?(- )?{name}:|[{{,]\s*{name}:", example, re.MULTILINE), (
+        f"{name} is not shown in config.example.yaml"
+    )
+    assert f"| `{name}` |" in DOCS.read_text(), f"{name} has no row in docs/configuration.md"
