@@ -108,12 +108,68 @@ class RouteConfig:
     # reconnects with Last-Event-ID). 1 MiB is ~5000 typical 200-byte events.
     max_client_lag_bytes: int = 1 * MiB
     cors: CorsConfig | None = None
+    # Forward-auth: ask the app who may listen before a stream opens.
+    auth: AuthConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ListenConfig:
     host: str
     port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """Forward-auth for a stream route: the app decides who may listen."""
+
+    # GET here with the client's credentials; 2xx admits, 401/403 are passed on
+    # to the client, anything else (or no answer) is a 503.
+    url: str
+    # Client request headers copied to the auth request (lowercase names).
+    forward: tuple[str, ...] = ("cookie", "authorization")
+    # How long a decision is cached per credential (0 = ask every time). 30 s
+    # turns a reconnect storm into one auth call per user, yet a revoked user
+    # is shut out within half a minute.
+    cache: float = 30 * SECONDS
+    # The auth endpoint's time to answer before the client gets a 503.
+    timeout: float = 5 * SECONDS
+    # EventSource can't send headers: a query parameter (e.g. "token") whose
+    # value is sent to the auth endpoint as `token_header: token_scheme <value>`.
+    token_param: str | None = None
+    token_header: str = "authorization"
+    token_scheme: str = "Bearer"
+    # Re-ask for open streams this often and end those no longer admitted
+    # (None = decide once, at connect).
+    revalidate: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyConfig:
+    """Pass-through of non-stream requests to `app`."""
+
+    # The app is on the same host: a connect that takes 5 s means it is down.
+    connect_timeout: float = 5 * SECONDS
+    # From the request sent to the response head; generous for slow endpoints.
+    first_byte_timeout: float = 60 * SECONDS
+    # Silence on a response (or request) body in progress. Streaming responses
+    # that go quiet longer than this are cut: keep it above their heartbeats.
+    idle_timeout: float = 120 * SECONDS
+    # Request bodies over this get 413 (checked on Content-Length and while
+    # streaming chunked uploads). 10 MiB is nginx's order of magnitude (1 MiB)
+    # times ten, for apps that take uploads.
+    max_body_bytes: int = 10 * MiB
+    # Idle keep-alive connections kept open to the app for reuse.
+    pool_size: int = 32
+    # An idle pooled connection older than this is closed (apps often time out
+    # idle keep-alive at 60-75 s; closing first avoids racing their close).
+    pool_idle_timeout: float = 30 * SECONDS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    """The admin listener: /healthz, /readyz, /metrics and a status page."""
+
+    listen: ListenConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +188,23 @@ class Config:
     # how long an idle keep-alive connection is kept.
     header_timeout: float = 10 * SECONDS
     keepalive_timeout: float = 5 * SECONDS
+    # Pass-through settings (used when `app` is set).
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    # Peers (IPs or CIDRs, e.g. a front load balancer) whose X-Forwarded-For /
+    # -Proto / -Host are kept and appended to; from anyone else they are replaced.
+    trusted_proxies: tuple[str, ...] = ()
+    # Off unless set: health, readiness, Prometheus metrics, live status page.
+    admin: AdminConfig | None = None
+    # Processes accepting on one port (SO_REUSEPORT), each with its own upstream
+    # subscription. YAML "auto" = the CPU count.
+    workers: int = 1
+    # On SIGTERM, client streams are ended spread over this window (jittered) so
+    # thousands of browsers don't reconnect to the next instance in one second.
+    drain_window: float = 10 * SECONDS
+    # Hard deadline for the whole shutdown; systemd's TimeoutStopSec is above it.
+    shutdown_timeout: float = 30 * SECONDS
+    # READY=1 goes to systemd once every eager upstream streams, or after this.
+    ready_timeout: float = 10 * SECONDS
     # The file the config came from, for messages; "<string>" when built in code.
     source: str = "<string>"
 
@@ -156,6 +229,13 @@ _CONFIG_KEYS = (
     "max_header_bytes",
     "header_timeout",
     "keepalive_timeout",
+    "proxy",
+    "trusted_proxies",
+    "admin",
+    "workers",
+    "drain_window",
+    "shutdown_timeout",
+    "ready_timeout",
 )
 _ROUTE_KEYS = (
     "path",
@@ -173,6 +253,7 @@ _ROUTE_KEYS = (
     "max_clients",
     "max_client_lag_bytes",
     "cors",
+    "auth",
 )
 _UPSTREAM_KEYS = (
     "url",
@@ -187,11 +268,32 @@ _UPSTREAM_KEYS = (
 )
 _CORS_KEYS = ("allow_origins", "allow_credentials", "max_age")
 _START_KEYS = ("events", "age")
+_AUTH_KEYS = (
+    "url",
+    "forward",
+    "cache",
+    "timeout",
+    "token_param",
+    "token_header",
+    "token_scheme",
+    "revalidate",
+)
+_PROXY_KEYS = (
+    "connect_timeout",
+    "first_byte_timeout",
+    "idle_timeout",
+    "max_body_bytes",
+    "pool_size",
+    "pool_idle_timeout",
+)
+_ADMIN_KEYS = ("listen",)
 
 # Defaults come from the dataclasses themselves, so they are written down once.
 _UPSTREAM_DEFAULTS = UpstreamConfig(url="http://127.0.0.1")
 _ROUTE_DEFAULTS = RouteConfig(path="/", upstream=_UPSTREAM_DEFAULTS)
 _CORS_DEFAULTS = CorsConfig(allow_origins=())
+_AUTH_DEFAULTS = AuthConfig(url="http://127.0.0.1")
+_PROXY_DEFAULTS = ProxyConfig()
 _CONFIG_DEFAULTS = Config(listen=ListenConfig(host="127.0.0.1", port=0))
 
 _DURATION_UNITS = {"ms": 0.001, "s": SECONDS, "m": MINUTES, "h": 60 * MINUTES}
@@ -234,6 +336,23 @@ _MANAGED_HEADERS = {
     "content-length": "a GET request has no body",
     "transfer-encoding": "a GET request has no body",
 }
+# Headers that cannot be copied into (or set on) the auth request: it is a GET
+# to auth.url that ssefan frames itself.
+_AUTH_REFUSED_HEADERS = {
+    "host": "the auth request's Host comes from auth.url",
+    "connection": "it is a hop-by-hop header ssefan manages",
+    "keep-alive": "it is a hop-by-hop header ssefan manages",
+    "te": "it is a hop-by-hop header ssefan manages",
+    "trailer": "it is a hop-by-hop header ssefan manages",
+    "upgrade": "it is a hop-by-hop header ssefan manages",
+    "content-length": "the auth request is a GET without a body",
+    "transfer-encoding": "the auth request is a GET without a body",
+}
+# RFC 3986 unreserved characters: a query parameter name that needs no escaping.
+_QUERY_NAME = re.compile(r"[A-Za-z0-9._~-]+")
+# Query parameters the server reads as Last-Event-ID (server.LAST_EVENT_ID_PARAMS;
+# not imported: config must not pull in the server stack).
+_LAST_EVENT_ID_PARAMS = ("last_event_id", "lastEventId", "evs_last_event_id")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
@@ -491,12 +610,21 @@ def _misplaced(keys: tuple[str, ...], where: str, allowed: tuple[str, ...]) -> d
 
 
 _MISPLACED_AT_TOP = {
+    **_misplaced(_AUTH_KEYS, "under a route's auth", _CONFIG_KEYS),
     **_misplaced(_CORS_KEYS, "under a route's cors", _CONFIG_KEYS),
     **_misplaced(_UPSTREAM_KEYS, "under a route's upstream", _CONFIG_KEYS),
+    **_misplaced(_PROXY_KEYS, "under proxy", _CONFIG_KEYS),
+    **_misplaced(
+        tuple(set(_PROXY_KEYS) & set(_UPSTREAM_KEYS)),
+        "under proxy (requests passed to app) or a route's upstream (its stream)",
+        _CONFIG_KEYS,
+    ),
     **_misplaced(_ROUTE_KEYS, "to a route: put it under each entry of routes", _CONFIG_KEYS),
 }
 _MISPLACED_IN_ROUTE = {
+    **_misplaced(_AUTH_KEYS, "under auth", _ROUTE_KEYS),
     **_misplaced(_CORS_KEYS, "under cors", _ROUTE_KEYS),
+    **_misplaced(_PROXY_KEYS, "under the top-level proxy", _ROUTE_KEYS),
     **_misplaced(_UPSTREAM_KEYS, "under upstream (use its mapping form with url)", _ROUTE_KEYS),
 }
 
@@ -547,6 +675,7 @@ def _read_config(reader: _Reader, raw: object) -> Config | None:
     app = section.get("app", _optional(_app_origin), d.app)
     has_app = section.values.get("app") is not None
     routes = _read_routes(reader, section.values.get("routes"), has_app)
+    admin = section.nested("admin", _read_admin, d.admin)
     config = Config(
         listen=listen or d.listen,
         app=app,
@@ -555,9 +684,110 @@ def _read_config(reader: _Reader, raw: object) -> Config | None:
         max_header_bytes=section.get("max_header_bytes", _size(), d.max_header_bytes),
         header_timeout=section.get("header_timeout", _duration(positive=True), d.header_timeout),
         keepalive_timeout=section.get("keepalive_timeout", _duration(), d.keepalive_timeout),
+        proxy=section.nested("proxy", _read_proxy, d.proxy),
+        trusted_proxies=section.nested("trusted_proxies", _read_networks, d.trusted_proxies),
+        admin=admin,
+        workers=section.get("workers", _workers, d.workers),
+        drain_window=section.get("drain_window", _duration(), d.drain_window),
+        shutdown_timeout=section.get(
+            "shutdown_timeout", _duration(positive=True), d.shutdown_timeout
+        ),
+        ready_timeout=section.get("ready_timeout", _duration(positive=True), d.ready_timeout),
         source=reader.source,
     )
+    _check_shutdown(reader, section, config)
+    if listen is not None and admin is not None:
+        _check_admin_listen(reader, listen, admin.listen)
     return None if listen is None or routes is None else config
+
+
+def _check_shutdown(reader: _Reader, section: _Section, config: Config) -> None:
+    if config.shutdown_timeout <= config.drain_window:
+        reader.report(
+            section.path_of("shutdown_timeout"),
+            f"expected more than drain_window ({_format_duration(config.drain_window)}),"
+            f" got {_format_duration(config.shutdown_timeout)}:"
+            " the streams must be drained before the deadline",
+        )
+
+
+def _read_proxy(reader: _Reader, raw: object, path: str) -> ProxyConfig | None:
+    section = reader.section(raw, path, _PROXY_KEYS, "a mapping of pass-through settings")
+    if section is None:
+        return None
+    d = _PROXY_DEFAULTS
+    return ProxyConfig(
+        connect_timeout=section.get("connect_timeout", _duration(positive=True), d.connect_timeout),
+        first_byte_timeout=section.get(
+            "first_byte_timeout", _duration(positive=True), d.first_byte_timeout
+        ),
+        idle_timeout=section.get("idle_timeout", _duration(positive=True), d.idle_timeout),
+        max_body_bytes=section.get("max_body_bytes", _size(), d.max_body_bytes),
+        pool_size=section.get("pool_size", _integer(minimum=0), d.pool_size),
+        pool_idle_timeout=section.get(
+            "pool_idle_timeout", _duration(positive=True), d.pool_idle_timeout
+        ),
+    )
+
+
+def _read_networks(reader: _Reader, raw: object, path: str) -> tuple[str, ...] | None:
+    if not isinstance(raw, list):
+        reader.report(
+            path,
+            'expected a list of IP addresses or CIDRs like ["10.0.0.0/8", "127.0.0.1"],'
+            f" got {_show(raw)}",
+        )
+        return None
+    networks: list[str] = []
+    first_index: dict[str, int] = {}
+    for index, item in enumerate(raw):
+        try:
+            network = _network(item)
+        except _BadValue as err:
+            reader.report(f"{path}[{index}]", str(err))
+            continue
+        if network in first_index:
+            reader.report(
+                f"{path}[{index}]",
+                f"{_show(network)} is already listed as {path}[{first_index[network]}]; keep one",
+            )
+            continue
+        first_index[network] = index
+        networks.append(network)
+    return tuple(networks) if len(networks) == len(raw) else None
+
+
+def _read_admin(reader: _Reader, raw: object, path: str) -> AdminConfig | None:
+    section = reader.section(
+        raw, path, _ADMIN_KEYS, 'a mapping with listen, like {listen: "127.0.0.1:9090"}'
+    )
+    if section is None:
+        return None
+    listen = section.require(
+        "listen", _listen, 'the address for the admin endpoints, like "127.0.0.1:9090"'
+    )
+    return None if listen is None else AdminConfig(listen=listen)
+
+
+def _check_admin_listen(reader: _Reader, main: ListenConfig, admin: ListenConfig) -> None:
+    if main.port == 0 or admin.port != main.port:
+        return
+    wildcards = ("0.0.0.0", "::")
+    if admin.host == main.host:
+        clash = "is the same address as listen"
+    elif admin.host in wildcards or main.host in wildcards:
+        clash = f"overlaps listen ({_format_listen(main)})"
+    else:
+        return
+    reader.report(
+        "admin.listen",
+        f"{_format_listen(admin)} {clash}; give the admin endpoints a port of their own",
+    )
+
+
+def _format_listen(listen: ListenConfig) -> str:
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    return f"{host}:{listen.port}"
 
 
 def _read_routes(reader: _Reader, raw: object, has_app: bool) -> tuple[RouteConfig, ...] | None:
@@ -619,6 +849,7 @@ def _read_route(reader: _Reader, raw: object, path: str) -> RouteConfig | None:
         max_clients=section.get("max_clients", _optional(_integer(minimum=1)), d.max_clients),
         max_client_lag_bytes=section.get("max_client_lag_bytes", _size(), d.max_client_lag_bytes),
         cors=section.nested("cors", _read_cors, d.cors),
+        auth=section.nested("auth", _read_auth, d.auth),
     )
     _check_start_fits(reader, section.path_of("start"), route)
     return None if route_path is None or upstream is None else route
@@ -810,6 +1041,54 @@ def _read_origins(reader: _Reader, section: _Section) -> tuple[str, ...] | None:
     return tuple(origins) if len(origins) == len(raw) else None
 
 
+def _read_auth(reader: _Reader, raw: object, path: str) -> AuthConfig | None:
+    section = reader.section(
+        raw,
+        path,
+        _AUTH_KEYS,
+        'a mapping with url, like {url: "http://127.0.0.1:8000/auth"}',
+    )
+    if section is None:
+        return None
+    d = _AUTH_DEFAULTS
+    url = section.require(
+        "url", _auth_url, 'the URL that decides who may listen, like "http://127.0.0.1:8000/auth"'
+    )
+    auth = AuthConfig(
+        url=url or d.url,
+        forward=section.nested("forward", _read_forward, d.forward),
+        cache=section.get("cache", _duration(), d.cache),
+        timeout=section.get("timeout", _duration(positive=True), d.timeout),
+        token_param=section.get("token_param", _optional(_token_param), d.token_param),
+        token_header=section.get("token_header", _auth_header_name, d.token_header),
+        token_scheme=section.get("token_scheme", _token_scheme, d.token_scheme),
+        revalidate=section.get("revalidate", _optional(_duration(positive=True)), d.revalidate),
+    )
+    return None if url is None else auth
+
+
+def _read_forward(reader: _Reader, raw: object, path: str) -> tuple[str, ...] | None:
+    if not isinstance(raw, list):
+        reader.report(
+            path, f"expected a list of header names like [cookie, authorization], got {_show(raw)}"
+        )
+        return None
+    names: list[str] = []
+    for index, item in enumerate(raw):
+        try:
+            name = _auth_header_name(item)
+        except _BadValue as err:
+            reader.report(f"{path}[{index}]", str(err))
+            continue
+        if name in names:
+            reader.report(
+                f"{path}[{index}]", f"repeats {name} (header names ignore case); keep one"
+            )
+            continue
+        names.append(name)
+    return tuple(names) if len(names) == len(raw) else None
+
+
 # --- single values --------------------------------------------------------------
 
 
@@ -915,8 +1194,13 @@ def _is_hostname(host: str) -> bool:
     )
 
 
-def _http_url(value: object, example: str) -> SplitResult:
-    """Checks shared by app and upstream URLs; the message says what to change."""
+def _http_url(
+    value: object,
+    example: str,
+    *,
+    credentials_hint: str = "send credentials with upstream headers such as Authorization",
+) -> SplitResult:
+    """Checks shared by app, upstream and auth URLs; the message says what to change."""
     expected = f'expected an http:// or https:// URL like "{example}"'
     if not isinstance(value, str):
         raise _BadValue(f"{expected}, got {_show(value)}")
@@ -924,8 +1208,7 @@ def _http_url(value: object, example: str) -> SplitResult:
     if parts.username is not None or parts.password is not None:
         # Not echoed: the URL holds a password, and URLs end up in logs.
         raise _BadValue(
-            "the URL must not contain user:password@ (URLs are logged);"
-            " send credentials with upstream headers such as Authorization"
+            f"the URL must not contain user:password@ (URLs are logged); {credentials_hint}"
         )
     if parts.scheme not in ("http", "https") or not parts.hostname or _CONTROL.search(value):
         raise _BadValue(f"{expected}, got {_show(value)}")
@@ -938,6 +1221,69 @@ def _http_url(value: object, example: str) -> SplitResult:
     if parts.fragment or "#" in value:
         raise _BadValue(f"expected a URL without #fragment (it is never sent), got {_show(value)}")
     return parts
+
+
+def _auth_url(value: object) -> str:
+    return _http_url(
+        value,
+        "http://127.0.0.1:8000/auth",
+        credentials_hint="the client's forwarded headers are the credentials",
+    ).geturl()
+
+
+def _auth_header_name(value: object) -> str:
+    """A header name for the auth request, lowercased (HTTP names ignore case)."""
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise _BadValue(
+            f"expected an HTTP header name like {_show('cookie')} (letters, digits and"
+            f" !#$%&'*+-.^_`|~ only, RFC 9110 §5.6.2), got {_show(value)}"
+        )
+    name = value.lower()
+    reason = _AUTH_REFUSED_HEADERS.get(name)
+    if reason is not None:
+        raise _BadValue(f"{value} cannot be sent to the auth endpoint: {reason}")
+    return name
+
+
+def _token_param(value: object) -> str:
+    if not isinstance(value, str) or not _QUERY_NAME.fullmatch(value):
+        raise _BadValue(
+            'expected a query parameter name like "token" (letters, digits and -._~ only),'
+            f" got {_show(value)}"
+        )
+    if value in _LAST_EVENT_ID_PARAMS:
+        raise _BadValue(
+            f"expected a name other than {_show(value)}, which clients use to resume"
+            ' (Last-Event-ID); use e.g. "token"'
+        )
+    return value
+
+
+def _token_scheme(value: object) -> str:
+    if not isinstance(value, str) or (value and not _TOKEN.fullmatch(value)):
+        raise _BadValue(
+            'expected an auth scheme like "Bearer", or "" to send the token alone,'
+            f" got {_show(value)}"
+        )
+    return value
+
+
+def _network(value: object) -> str:
+    expected = 'expected an IP address or CIDR like "10.0.0.0/8" or "::1"'
+    if not isinstance(value, str):
+        raise _BadValue(f"{expected}, got {_show(value)}")
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise _BadValue(f"{expected}, got {_show(value)}") from None
+
+
+def _workers(value: object) -> int:
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _BadValue(f'expected an integer >= 1 or "auto" (one per CPU), got {_show(value)}')
+    return value
 
 
 def _app_origin(value: object) -> str:

@@ -107,6 +107,38 @@ def test_check_errors_exit_2_with_every_problem(
     ]
 
 
+def test_check_accepts_the_operational_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ops.yaml"
+    path.write_text(
+        GOOD
+        + "    auth: {url: 'http://127.0.0.1:8000/auth', token_param: token}\n"
+        + "proxy: {max_body_bytes: 1MiB}\n"
+        + "trusted_proxies: [10.0.0.0/8]\n"
+        + "admin: {listen: 127.0.0.1:9090}\n"
+        + "workers: auto\n"
+        + "drain_window: 5s\nshutdown_timeout: 20s\nready_timeout: 5s\n"
+    )
+    assert main(["check", "--config", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("ok: 2 routes ")
+
+
+def test_check_reports_problems_in_the_operational_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "ops.yaml"
+    path.write_text(GOOD + "admin: {listen: 127.0.0.1:8080}\nshutdown_timeout: 10s\n")
+    assert main(["check", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: shutdown_timeout: expected more than drain_window (10s), got 10s:"
+        " the streams must be drained before the deadline",
+        f"{path}: admin.listen: 127.0.0.1:8080 is the same address as listen;"
+        " give the admin endpoints a port of their own",
+        f"found 2 problems; fix them and run 'ssefan check --config {path}' again",
+    ]
+
+
 def test_check_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "missing config.yaml"
     assert main(["check", "--config", str(path)]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import textwrap
 from collections.abc import Callable
@@ -11,10 +12,13 @@ from pathlib import Path
 import pytest
 
 from ssefan.config import (
+    AdminConfig,
+    AuthConfig,
     Config,
     ConfigError,
     CorsConfig,
     ListenConfig,
+    ProxyConfig,
     RouteConfig,
     StartConfig,
     UpstreamConfig,
@@ -170,6 +174,19 @@ def test_every_key_is_read() -> None:
         max_header_bytes: 8KiB
         header_timeout: 3s
         keepalive_timeout: 0
+        proxy:
+          connect_timeout: 1s
+          first_byte_timeout: 2m
+          idle_timeout: 5m
+          max_body_bytes: 1MiB
+          pool_size: 0
+          pool_idle_timeout: 10s
+        trusted_proxies: ["10.1.2.3/8", "::1", 192.168.0.7]
+        admin: {listen: 127.0.0.1:9091}
+        workers: 4
+        drain_window: 0
+        shutdown_timeout: 1m
+        ready_timeout: 3s
         routes:
           - path: /orders
             upstream:
@@ -198,6 +215,15 @@ def test_every_key_is_read() -> None:
               allow_origins: ["https://a.example.com", "http://localhost:3000"]
               allow_credentials: true
               max_age: 1m
+            auth:
+              url: https://auth.internal/check?scope=orders
+              forward: [Cookie, X-Session]
+              cache: 0
+              timeout: 2s
+              token_param: access_token
+              token_header: X-Token
+              token_scheme: ""
+              revalidate: 5m
     """
     expected = Config(
         listen=ListenConfig(host="::1", port=9090),
@@ -233,12 +259,36 @@ def test_every_key_is_read() -> None:
                     allow_credentials=True,
                     max_age=60.0,
                 ),
+                auth=AuthConfig(
+                    url="https://auth.internal/check?scope=orders",
+                    forward=("cookie", "x-session"),
+                    cache=0.0,
+                    timeout=2.0,
+                    token_param="access_token",
+                    token_header="x-token",
+                    token_scheme="",
+                    revalidate=300.0,
+                ),
             ),
         ),
         max_clients=500,
         max_header_bytes=8 * 1024,
         header_timeout=3.0,
         keepalive_timeout=0.0,
+        proxy=ProxyConfig(
+            connect_timeout=1.0,
+            first_byte_timeout=120.0,
+            idle_timeout=300.0,
+            max_body_bytes=1024**2,
+            pool_size=0,
+            pool_idle_timeout=10.0,
+        ),
+        trusted_proxies=("10.0.0.0/8", "::1/128", "192.168.0.7/32"),
+        admin=AdminConfig(listen=ListenConfig(host="127.0.0.1", port=9091)),
+        workers=4,
+        drain_window=0.0,
+        shutdown_timeout=60.0,
+        ready_timeout=3.0,
         source="full.yaml",
     )
     assert parse_config(textwrap.dedent(text), "full.yaml") == expected
@@ -384,6 +434,104 @@ def _route(config: Config) -> RouteConfig:
             90.0,
             id="yaml-1.1-sexagesimal-is-seconds",
         ),
+        # auth
+        pytest.param(
+            with_route_keys("auth: {url: 'http://127.0.0.1:8000/auth'}"),
+            lambda c: _route(c).auth,
+            AuthConfig(url="http://127.0.0.1:8000/auth"),
+            id="auth-url-only-takes-defaults",
+        ),
+        pytest.param(
+            with_route_keys("auth: {url: 'http://[::1]:8000/auth', forward: [], token_param: t}"),
+            lambda c: (_route(c).auth.forward, _route(c).auth.token_param),
+            ((), "t"),
+            id="auth-forward-nothing-token-only",
+        ),
+        pytest.param(
+            with_route_keys(
+                "auth: {url: 'http://a/auth', forward: null, token_param: null, revalidate: null}"
+            ),
+            lambda c: _route(c).auth,
+            AuthConfig(url="http://a/auth"),
+            id="auth-explicit-nulls",
+        ),
+        pytest.param(
+            with_route_keys("auth: {url: 'http://a/auth', token_scheme: Token, token_header: X-A}"),
+            lambda c: (_route(c).auth.token_scheme, _route(c).auth.token_header),
+            ("Token", "x-a"),
+            id="auth-token-scheme-and-header",
+        ),
+        pytest.param(
+            with_route_keys("auth: null"),
+            lambda c: _route(c).auth,
+            None,
+            id="auth-null",
+        ),
+        # proxy
+        pytest.param(
+            MINIMAL + "proxy: {max_body_bytes: 1GB, pool_size: 0}\n",
+            lambda c: c.proxy,
+            ProxyConfig(max_body_bytes=10**9, pool_size=0),
+            id="proxy-partial",
+        ),
+        pytest.param(
+            MINIMAL + "proxy: null\n",
+            lambda c: c.proxy,
+            ProxyConfig(),
+            id="proxy-null",
+        ),
+        # trusted_proxies
+        pytest.param(
+            MINIMAL
+            + "trusted_proxies: [127.0.0.1, '2001:DB8::/32', 172.16.5.4/12, '::ffff:1.2.3.4']\n",
+            lambda c: c.trusted_proxies,
+            ("127.0.0.1/32", "2001:db8::/32", "172.16.0.0/12", "::ffff:102:304/128"),
+            id="trusted-proxies-normalised",
+        ),
+        pytest.param(
+            MINIMAL + "trusted_proxies: []\n",
+            lambda c: c.trusted_proxies,
+            (),
+            id="trusted-proxies-empty",
+        ),
+        # admin
+        pytest.param(
+            MINIMAL + "admin: {listen: '[::1]:9090'}\n",
+            lambda c: c.admin,
+            AdminConfig(listen=ListenConfig(host="::1", port=9090)),
+            id="admin-ipv6",
+        ),
+        pytest.param(
+            MINIMAL + "admin: {listen: 127.0.0.2:8080}\n",
+            lambda c: c.admin,
+            AdminConfig(listen=ListenConfig(host="127.0.0.2", port=8080)),
+            id="admin-same-port-other-address",
+        ),
+        pytest.param(
+            MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:0") + "admin: {listen: 127.0.0.1:0}\n",
+            lambda c: c.admin,
+            AdminConfig(listen=ListenConfig(host="127.0.0.1", port=0)),
+            id="admin-both-port-0",
+        ),
+        pytest.param(
+            MINIMAL + "admin: null\n",
+            lambda c: c.admin,
+            None,
+            id="admin-null",
+        ),
+        # workers and lifecycle
+        pytest.param(
+            MINIMAL + "workers: auto\n",
+            lambda c: c.workers,
+            os.cpu_count() or 1,
+            id="workers-auto",
+        ),
+        pytest.param(
+            MINIMAL + "drain_window: 0\nshutdown_timeout: 500ms\nready_timeout: 1m\n",
+            lambda c: (c.drain_window, c.shutdown_timeout, c.ready_timeout),
+            (0.0, 0.5, 60.0),
+            id="lifecycle-durations",
+        ),
     ],
 )
 def test_good_config(text: str, pick: Callable[[Config], object], expected: object) -> None:
@@ -448,7 +596,9 @@ def test_parse_config_source_defaults_to_string() -> None:
             MINIMAL + "zzz: 1\n",
             [
                 "config.yaml: zzz: unknown key; expected one of: listen, app, routes,"
-                " max_clients, max_header_bytes, header_timeout, keepalive_timeout"
+                " max_clients, max_header_bytes, header_timeout, keepalive_timeout, proxy,"
+                " trusted_proxies, admin, workers, drain_window, shutdown_timeout,"
+                " ready_timeout"
             ],
             id="top-unknown-no-suggestion",
         ),
@@ -1050,6 +1200,417 @@ def test_parse_config_source_defaults_to_string() -> None:
                 ("null", "", "origin-null"),
             ]
         ],
+        # proxy
+        pytest.param(
+            MINIMAL + "proxy: 5s\n",
+            ['config.yaml: proxy: expected a mapping of pass-through settings, got "5s"'],
+            id="proxy-not-a-mapping",
+        ),
+        pytest.param(
+            MINIMAL + "proxy: {pool_sise: 4}\n",
+            ['config.yaml: proxy.pool_sise: unknown key; did you mean "pool_size"?'],
+            id="proxy-did-you-mean",
+        ),
+        *[
+            pytest.param(
+                MINIMAL + f"proxy: {{{key}: {value}}}\n",
+                [f"config.yaml: proxy.{key}: {message}"],
+                id=f"proxy-{key}",
+            )
+            for key, value, message in [
+                ("connect_timeout", "0", "expected a duration greater than 0, got 0"),
+                ("first_byte_timeout", "0s", 'expected a duration greater than 0, got "0s"'),
+                ("idle_timeout", "soon", f'expected {DURATION_EXPECTED}, got "soon"'),
+                ("max_body_bytes", "0", "expected a size greater than 0, got 0"),
+                ("pool_size", "-1", "expected an integer >= 0, got -1"),
+                ("pool_size", "2.5", "expected an integer >= 0, got 2.5"),
+                ("pool_idle_timeout", "-1s", 'expected a duration of 0 or more, got "-1s"'),
+            ]
+        ],
+        pytest.param(
+            MINIMAL + "pool_size: 4\n",
+            ['config.yaml: pool_size: unknown key here; "pool_size" belongs under proxy'],
+            id="proxy-key-at-top",
+        ),
+        pytest.param(
+            MINIMAL + "connect_timeout: 4s\n",
+            [
+                'config.yaml: connect_timeout: unknown key here; "connect_timeout" belongs'
+                " under proxy (requests passed to app) or a route's upstream (its stream)"
+            ],
+            id="proxy-or-upstream-key-at-top",
+        ),
+        pytest.param(
+            with_route_keys("max_body_bytes: 1MiB"),
+            [
+                'config.yaml: routes[0].max_body_bytes: unknown key here; "max_body_bytes"'
+                " belongs under the top-level proxy"
+            ],
+            id="proxy-key-in-route",
+        ),
+        # trusted_proxies
+        pytest.param(
+            MINIMAL + "trusted_proxies: 10.0.0.0/8\n",
+            [
+                "config.yaml: trusted_proxies: expected a list of IP addresses or CIDRs like"
+                ' ["10.0.0.0/8", "127.0.0.1"], got "10.0.0.0/8"'
+            ],
+            id="trusted-proxies-string",
+        ),
+        *[
+            pytest.param(
+                MINIMAL + f"trusted_proxies: [{value}]\n",
+                [
+                    "config.yaml: trusted_proxies[0]: expected an IP address or CIDR like"
+                    f' "10.0.0.0/8" or "::1", got {shown}'
+                ],
+                id=case_id,
+            )
+            for value, shown, case_id in [
+                ("lb.internal", '"lb.internal"', "trusted-proxy-hostname"),
+                ("10.0.0.0/33", '"10.0.0.0/33"', "trusted-proxy-prefix-too-long"),
+                ("'10.0.0.256'", '"10.0.0.256"', "trusted-proxy-bad-octet"),
+                ("'*'", '"*"', "trusted-proxy-wildcard"),
+                ("167772161", "167772161", "trusted-proxy-integer"),
+                ("null", "null", "trusted-proxy-null"),
+            ]
+        ],
+        pytest.param(
+            MINIMAL + "trusted_proxies: [10.0.0.1/8, 10.9.9.9/8]\n",
+            [
+                'config.yaml: trusted_proxies[1]: "10.0.0.0/8" is already listed as'
+                " trusted_proxies[0]; keep one"
+            ],
+            id="trusted-proxies-repeated-after-normalising",
+        ),
+        # admin
+        pytest.param(
+            MINIMAL + "admin: 127.0.0.1:9090\n",
+            [
+                "config.yaml: admin: expected a mapping with listen,"
+                ' like {listen: "127.0.0.1:9090"}, got "127.0.0.1:9090"'
+            ],
+            id="admin-string",
+        ),
+        pytest.param(
+            MINIMAL + "admin: {}\n",
+            [
+                "config.yaml: admin.listen: missing; expected the address for the admin"
+                ' endpoints, like "127.0.0.1:9090"'
+            ],
+            id="admin-empty",
+        ),
+        pytest.param(
+            MINIMAL + "admin: {listen: 127.0.0.1:9090, metrics: true}\n",
+            ["config.yaml: admin.metrics: unknown key; expected one of: listen"],
+            id="admin-unknown-key",
+        ),
+        pytest.param(
+            MINIMAL + "admin: {listen: 9090}\n",
+            [
+                'config.yaml: admin.listen: expected "host:port" like "127.0.0.1:8080" or'
+                ' "[::1]:8080", got 9090; write "127.0.0.1:9090" (this host only)'
+                ' or "0.0.0.0:9090" (every interface)'
+            ],
+            id="admin-bare-port",
+        ),
+        pytest.param(
+            MINIMAL + "admin: {listen: 127.0.0.1:8080}\n",
+            [
+                "config.yaml: admin.listen: 127.0.0.1:8080 is the same address as listen;"
+                " give the admin endpoints a port of their own"
+            ],
+            id="admin-same-as-listen",
+        ),
+        pytest.param(
+            MINIMAL.replace("127.0.0.1:8080", '"[::1]:8080"') + "admin: {listen: '[::]:8080'}\n",
+            [
+                "config.yaml: admin.listen: [::]:8080 overlaps listen ([::1]:8080);"
+                " give the admin endpoints a port of their own"
+            ],
+            id="admin-wildcard-overlaps-listen",
+        ),
+        pytest.param(
+            MINIMAL.replace("127.0.0.1:8080", "0.0.0.0:8080") + "admin: {listen: 127.0.0.1:8080}\n",
+            [
+                "config.yaml: admin.listen: 127.0.0.1:8080 overlaps listen (0.0.0.0:8080);"
+                " give the admin endpoints a port of their own"
+            ],
+            id="admin-overlaps-wildcard-listen",
+        ),
+        # workers and lifecycle
+        *[
+            pytest.param(
+                MINIMAL + f"workers: {value}\n",
+                [
+                    'config.yaml: workers: expected an integer >= 1 or "auto" (one per CPU),'
+                    f" got {shown}"
+                ],
+                id=case_id,
+            )
+            for value, shown, case_id in [
+                ("0", "0", "workers-zero"),
+                ("Auto", '"Auto"', "workers-auto-capitalised"),
+                ("'4'", '"4"', "workers-quoted"),
+                ("2.0", "2.0", "workers-float"),
+                ("true", "true", "workers-boolean"),
+            ]
+        ],
+        pytest.param(
+            MINIMAL + "drain_window: -1s\n",
+            ['config.yaml: drain_window: expected a duration of 0 or more, got "-1s"'],
+            id="drain-window-negative",
+        ),
+        pytest.param(
+            MINIMAL + "shutdown_timeout: 0\n",
+            [
+                "config.yaml: shutdown_timeout: expected a duration greater than 0, got 0",
+            ],
+            id="shutdown-timeout-zero",
+        ),
+        pytest.param(
+            MINIMAL + "drain_window: 30s\nshutdown_timeout: 30s\n",
+            [
+                "config.yaml: shutdown_timeout: expected more than drain_window (30s), got 30s:"
+                " the streams must be drained before the deadline"
+            ],
+            id="shutdown-timeout-equal-to-drain-window",
+        ),
+        pytest.param(
+            MINIMAL + "shutdown_timeout: 5s\n",
+            [
+                "config.yaml: shutdown_timeout: expected more than drain_window (10s), got 5s:"
+                " the streams must be drained before the deadline"
+            ],
+            id="shutdown-timeout-below-default-drain-window",
+        ),
+        pytest.param(
+            MINIMAL + "ready_timeout: 0ms\n",
+            ['config.yaml: ready_timeout: expected a duration greater than 0, got "0ms"'],
+            id="ready-timeout-zero",
+        ),
+        pytest.param(
+            MINIMAL + "readiness_timeout: 5s\n",
+            ['config.yaml: readiness_timeout: unknown key; did you mean "ready_timeout"?'],
+            id="ready-timeout-did-you-mean",
+        ),
+        # auth
+        pytest.param(
+            with_route_keys("auth: http://a/auth"),
+            [
+                "config.yaml: routes[0].auth: expected a mapping with url, like"
+                ' {url: "http://127.0.0.1:8000/auth"}, got "http://a/auth"'
+            ],
+            id="auth-string",
+        ),
+        pytest.param(
+            with_route_keys("auth: {cache: 1m}"),
+            [
+                "config.yaml: routes[0].auth.url: missing; expected the URL that decides who"
+                ' may listen, like "http://127.0.0.1:8000/auth"'
+            ],
+            id="auth-url-missing",
+        ),
+        pytest.param(
+            with_route_keys("auth: {url: 'http://a/auth', cahce: 1m}"),
+            ['config.yaml: routes[0].auth.cahce: unknown key; did you mean "cache"?'],
+            id="auth-did-you-mean",
+        ),
+        pytest.param(
+            with_route_keys("token_param: token"),
+            [
+                'config.yaml: routes[0].token_param: unknown key here; "token_param" belongs'
+                " under auth"
+            ],
+            id="auth-key-in-route",
+        ),
+        pytest.param(
+            MINIMAL + "revalidate: 5m\n",
+            [
+                'config.yaml: revalidate: unknown key here; "revalidate" belongs under'
+                " a route's auth"
+            ],
+            id="auth-key-at-top",
+        ),
+        *[
+            pytest.param(
+                with_route_keys(f"auth: {{url: {url}}}"),
+                [f"config.yaml: routes[0].auth.url: {message}"],
+                id=case_id,
+            )
+            for url, message, case_id in [
+                (
+                    "/auth",
+                    'expected an http:// or https:// URL like "http://127.0.0.1:8000/auth",'
+                    ' got "/auth"',
+                    "auth-url-relative",
+                ),
+                (
+                    "'http://a/auth#x'",
+                    'expected a URL without #fragment (it is never sent), got "http://a/auth#x"',
+                    "auth-url-fragment",
+                ),
+                (
+                    "'https://u:hunter2@a/auth'",
+                    "the URL must not contain user:password@ (URLs are logged);"
+                    " the client's forwarded headers are the credentials",
+                    "auth-url-credentials-not-echoed",
+                ),
+            ]
+        ],
+        pytest.param(
+            with_route_keys("auth: {url: 'http://a/auth', forward: cookie}"),
+            [
+                "config.yaml: routes[0].auth.forward: expected a list of header names like"
+                ' [cookie, authorization], got "cookie"'
+            ],
+            id="auth-forward-string",
+        ),
+        *[
+            pytest.param(
+                with_route_keys(f"auth: {{url: 'http://a/auth', forward: [Cookie, {name}]}}"),
+                [f"config.yaml: routes[0].auth.forward[1]: {message}"],
+                id=case_id,
+            )
+            for name, message, case_id in [
+                (
+                    "'X Session'",
+                    'expected an HTTP header name like "cookie" (letters, digits and'
+                    ' !#$%&\'*+-.^_`|~ only, RFC 9110 §5.6.2), got "X Session"',
+                    "auth-forward-bad-name",
+                ),
+                (
+                    "''",
+                    'expected an HTTP header name like "cookie" (letters, digits and'
+                    ' !#$%&\'*+-.^_`|~ only, RFC 9110 §5.6.2), got ""',
+                    "auth-forward-empty-name",
+                ),
+                (
+                    "7",
+                    'expected an HTTP header name like "cookie" (letters, digits and'
+                    " !#$%&'*+-.^_`|~ only, RFC 9110 §5.6.2), got 7",
+                    "auth-forward-number",
+                ),
+                (
+                    "COOKIE",
+                    "repeats cookie (header names ignore case); keep one",
+                    "auth-forward-repeated-in-other-case",
+                ),
+                (
+                    "Host",
+                    "Host cannot be sent to the auth endpoint: the auth request's Host comes"
+                    " from auth.url",
+                    "auth-forward-host",
+                ),
+                (
+                    "Content-Length",
+                    "Content-Length cannot be sent to the auth endpoint: the auth request is"
+                    " a GET without a body",
+                    "auth-forward-content-length",
+                ),
+                (
+                    "connection",
+                    "connection cannot be sent to the auth endpoint: it is a hop-by-hop header"
+                    " ssefan manages",
+                    "auth-forward-hop-by-hop",
+                ),
+            ]
+        ],
+        *[
+            pytest.param(
+                with_route_keys(f"auth: {{url: 'http://a/auth', {key}: {value}}}"),
+                [f"config.yaml: routes[0].auth.{key}: {message}"],
+                id=f"auth-{case_id}",
+            )
+            for key, value, message, case_id in [
+                ("cache", "-1", "expected a duration of 0 or more, got -1", "cache-negative"),
+                ("cache", "forever", f'expected {DURATION_EXPECTED}, got "forever"', "cache-word"),
+                ("timeout", "0", "expected a duration greater than 0, got 0", "timeout-zero"),
+                (
+                    "revalidate",
+                    "0s",
+                    'expected a duration greater than 0, got "0s"',
+                    "revalidate-zero",
+                ),
+                (
+                    "token_param",
+                    "''",
+                    'expected a query parameter name like "token" (letters, digits and -._~'
+                    ' only), got ""',
+                    "token-param-empty",
+                ),
+                (
+                    "token_param",
+                    "'my token'",
+                    'expected a query parameter name like "token" (letters, digits and -._~'
+                    ' only), got "my token"',
+                    "token-param-space",
+                ),
+                (
+                    "token_param",
+                    "'t&x'",
+                    'expected a query parameter name like "token" (letters, digits and -._~'
+                    ' only), got "t&x"',
+                    "token-param-ampersand",
+                ),
+                (
+                    "token_param",
+                    "42",
+                    'expected a query parameter name like "token" (letters, digits and -._~'
+                    " only), got 42",
+                    "token-param-number",
+                ),
+                (
+                    "token_param",
+                    "last_event_id",
+                    'expected a name other than "last_event_id", which clients use to resume'
+                    ' (Last-Event-ID); use e.g. "token"',
+                    "token-param-last-event-id",
+                ),
+                (
+                    "token_header",
+                    "'X Token'",
+                    'expected an HTTP header name like "cookie" (letters, digits and'
+                    ' !#$%&\'*+-.^_`|~ only, RFC 9110 §5.6.2), got "X Token"',
+                    "token-header-bad-name",
+                ),
+                (
+                    "token_header",
+                    "null",
+                    'expected an HTTP header name like "cookie" (letters, digits and'
+                    " !#$%&'*+-.^_`|~ only, RFC 9110 §5.6.2), got null",
+                    "token-header-null",
+                ),
+                (
+                    "token_header",
+                    "Host",
+                    "Host cannot be sent to the auth endpoint: the auth request's Host comes"
+                    " from auth.url",
+                    "token-header-host",
+                ),
+                (
+                    "token_scheme",
+                    "'Bearer '",
+                    'expected an auth scheme like "Bearer", or "" to send the token alone,'
+                    ' got "Bearer "',
+                    "token-scheme-trailing-space",
+                ),
+                (
+                    "token_scheme",
+                    "null",
+                    'expected an auth scheme like "Bearer", or "" to send the token alone,'
+                    " got null",
+                    "token-scheme-null",
+                ),
+                (
+                    "token_scheme",
+                    '"Bearer\\r\\nX: 1"',
+                    'expected an auth scheme like "Bearer", or "" to send the token alone,'
+                    ' got "Bearer\\r\\nX: 1"',
+                    "token-scheme-crlf",
+                ),
+            ]
+        ],
     ],
 )
 def test_bad_config(text: str, expected: list[str]) -> None:
@@ -1248,9 +1809,35 @@ def test_example_second_route_loads_when_uncommented() -> None:
         headers=(("Authorization", "Bearer change-me"),),
     )
     assert second.start == StartConfig(kind="events", count=10)
+    # Its auth shows every key with its default, except the optional ones.
+    assert second.auth == AuthConfig(
+        url="http://127.0.0.1:8000/auth/stream", token_param="token", revalidate=300.0
+    )
 
 
-KEY_CLASSES = [Config, RouteConfig, UpstreamConfig, CorsConfig]
+def test_example_admin_loads_when_uncommented() -> None:
+    text = re.sub(r"^# (admin:|  listen: )", r"\1", EXAMPLE.read_text(), flags=re.MULTILINE)
+    config = parse_config(text, "config.example.yaml")
+    assert config.admin == AdminConfig(listen=ListenConfig(host="127.0.0.1", port=9090))
+
+
+def test_token_param_refuses_what_the_server_reads_as_last_event_id() -> None:
+    from ssefan import server  # here: the rest of this file needs only the config module
+
+    for name in server.LAST_EVENT_ID_PARAMS:
+        [message] = problems(with_route_keys(f"auth: {{url: 'http://a/b', token_param: {name}}}"))
+        assert f'expected a name other than "{name}"' in message
+
+
+KEY_CLASSES = [
+    Config,
+    RouteConfig,
+    UpstreamConfig,
+    CorsConfig,
+    AuthConfig,
+    ProxyConfig,
+    AdminConfig,
+]
 NOT_KEYS = {"source"}  # Config.source is the file's path, not something written in it
 
 
