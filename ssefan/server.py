@@ -94,6 +94,14 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
     return None
 
 
+def _head_size(request: h11.Request) -> int:
+    """Bytes of the request line and headers as sent, less optional whitespace."""
+    size = len(request.method) + len(request.target) + len(b"  HTTP/1.1\r\n\r\n")
+    for name, value in request.headers.raw_items():
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    return size
+
+
 class HTTPConnection(asyncio.Protocol):
     """One client connection: ordinary requests, or one stream until it ends."""
 
@@ -190,6 +198,14 @@ class HTTPConnection(asyncio.Protocol):
 
     def _on_request(self, request: h11.Request) -> None:
         self._head_only = request.method == b"HEAD"
+        size = _head_size(request)
+        if size > self.config.max_header_bytes:
+            # h11 applies max_incomplete_event_size only to a head still incomplete
+            # after a read; a larger head that arrives whole in one read gets here.
+            self.server.count_refusal(431)
+            log.info("peer=%s bad request (431): request head of %d bytes", self.peer, size)
+            self.respond(431, "431 request head too large\n", close=True)
+            return
         try:
             target = request.target.decode("ascii")
         except UnicodeDecodeError:

@@ -110,6 +110,8 @@ class FakeUpstream:
             asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(DEFAULT_TIMEOUT)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(DEFAULT_TIMEOUT)
+        if not self._thread.is_alive():
+            self._loop.close()  # else ResourceWarnings (errors under filterwarnings)
 
     @property
     def url(self) -> str:
@@ -291,6 +293,8 @@ class SsefanProcess:
                 self.proc.wait(DEFAULT_TIMEOUT)
         if self._reader is not None:
             self._reader.join(DEFAULT_TIMEOUT)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return self.proc.returncode
 
 
@@ -350,6 +354,9 @@ class SSEClient:
         self.comments: list[str] = []
         self.retry: int | None = None
         self.closed = False
+        # Body bytes that came in the same read as the head are data too.
+        self._decode_body()
+        self._parse_events()
 
     def _recv(self) -> bytes:
         data = self.sock.recv(65536)
@@ -478,3 +485,426 @@ def running(upstream: FakeUpstream, tmp_path: Path, **route: object) -> Iterator
         yield proc
     finally:
         proc.stop()
+
+
+# --------------------------------------------------------------------------- more helpers
+# (fan-out, replay and upstream tests)
+
+
+class StreamDecoder:
+    """An incremental decoder of a stream response body: HTTP/1.1 chunks (or a
+    raw close-delimited body) -> SSE blocks, LF line ends only, like SSEClient.
+
+    It keeps every block it saw, so a test can check framing (comments, id-only
+    blocks) as well as events. Usable on bytes from any source: a socket, or the
+    writes a fake transport recorded.
+    """
+
+    def __init__(self, *, chunked: bool) -> None:
+        self.chunked = chunked
+        self.ended = False  # the terminal chunk arrived
+        self.events: list[ReceivedEvent] = []
+        self.comments: list[str] = []
+        self.id_only: list[str] = []  # ids of blocks that set an id but had no data
+        self.retry: int | None = None
+        self._raw = b""
+        self._body = b""
+
+    def feed(self, data: bytes) -> None:
+        self._raw += data
+        if self.chunked:
+            self._dechunk()
+        else:
+            self._body += self._raw
+            self._raw = b""
+        self._parse()
+
+    def _dechunk(self) -> None:
+        while not self.ended:
+            head, sep, rest = self._raw.partition(b"\r\n")
+            if not sep:
+                return
+            size = int(head, 16)
+            if len(rest) < size + 2:
+                return
+            assert rest[size : size + 2] == b"\r\n", f"bad chunk framing: {self._raw[:80]!r}"
+            if size == 0:
+                self.ended = True
+            self._body += rest[:size]
+            self._raw = rest[size + 2 :]
+
+    def _parse(self) -> None:
+        while b"\n\n" in self._body:
+            block, self._body = self._body.split(b"\n\n", 1)
+            fields: dict[str, list[str]] = {}
+            for line in block.decode("utf-8").split("\n"):
+                if line.startswith(":"):
+                    self.comments.append(line[1:].strip())
+                    continue
+                name, _, value = line.partition(":")
+                fields.setdefault(name, []).append(value[1:] if value.startswith(" ") else value)
+            if "retry" in fields:
+                self.retry = int(fields["retry"][-1])
+            if "data" in fields:
+                self.events.append(
+                    ReceivedEvent(
+                        data="\n".join(fields["data"]),
+                        event=fields.get("event", [""])[-1],
+                        id=fields["id"][-1] if "id" in fields else None,
+                    )
+                )
+            elif "id" in fields:
+                self.id_only.append(fields["id"][-1])
+
+    @property
+    def pending(self) -> bytes:
+        """Body bytes not yet forming a whole block (an event cut in half)."""
+        return self._body
+
+
+class AsyncSSEClient:
+    """An asyncio client for one stream (for tests that need a thousand of them)."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        status: int,
+        headers: dict[str, str],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.status = status
+        self.headers = headers
+        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        self.decoder = StreamDecoder(chunked=chunked)
+        self.eof = False
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        path: str = "/events",
+        *,
+        headers: dict[str, str] | None = None,
+        http10: bool = False,
+        within: float = DEFAULT_TIMEOUT,
+    ) -> AsyncSSEClient:
+        async with asyncio.timeout(within):
+            reader, writer = await asyncio.open_connection(host, port)
+            version = "HTTP/1.0" if http10 else "HTTP/1.1"
+            lines = [f"GET {path} {version}", f"Host: {host}:{port}", "Accept: text/event-stream"]
+            lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head[:-4].decode("latin-1").split("\r\n")
+        parsed: dict[str, str] = {}
+        for line in header_lines:
+            name, value = line.split(":", 1)
+            parsed[name.strip().lower()] = value.strip()
+        return cls(reader, writer, int(status_line.split(" ")[1]), parsed)
+
+    @property
+    def events(self) -> list[ReceivedEvent]:
+        return self.decoder.events
+
+    async def read_events(self, n: int, within: float = DEFAULT_TIMEOUT) -> list[ReceivedEvent]:
+        """Wait (up to `within` seconds) until at least `n` events arrived; return them all."""
+        try:
+            async with asyncio.timeout(within):
+                while len(self.decoder.events) < n:
+                    data = await self.reader.read(65536)
+                    if not data:
+                        self.eof = True
+                        break
+                    self.decoder.feed(data)
+        except TimeoutError:
+            pass
+        if len(self.decoder.events) < n:
+            raise AssertionError(
+                f"got {len(self.decoder.events)} of {n} events (eof={self.eof}):"
+                f" {self.decoder.events[-3:]}"
+            )
+        return self.decoder.events
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+def pump_until(
+    client: SSEClient,
+    condition: Callable[[], bool],
+    timeout: float = DEFAULT_TIMEOUT,
+    what: str = "",
+) -> None:
+    """Read from `client` until `condition` holds; fail after `timeout` or at EOF."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        client.sock.settimeout(remaining)
+        try:
+            alive = client.pump()
+        except TimeoutError:
+            continue
+        if not alive and not condition():
+            raise AssertionError(f"stream ended while waiting for {what or condition}")
+
+
+def holds_for(condition: Callable[[], bool], duration: float, what: str = "") -> None:
+    """Assert `condition` stays true for `duration` seconds (for "nothing happens").
+
+    Only for absences, which no event can signal; never for waiting on something.
+    """
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if not condition():
+            raise AssertionError(f"stopped holding: {what or condition}")
+        time.sleep(0.01)
+    if not condition():
+        raise AssertionError(f"stopped holding: {what or condition}")
+
+
+def fast_upstream(upstream: FakeUpstream, **keys: object) -> dict[str, object]:
+    """The mapping form of a route's upstream, with quick reconnects for tests."""
+    return {"url": upstream.url, "backoff_base": "50ms", "backoff_max": "200ms", **keys}
+
+
+def event_ids(events: list[ReceivedEvent]) -> list[str | None]:
+    return [e.id for e in events]
+
+
+# --------------------------------------------------------------------------- more helpers
+# Added for test_http / test_slow_client / test_interop: multi-route configs with
+# top-level settings, a raw keep-alive HTTP connection, and a TCP proxy that can
+# sever its connections (a server-side disconnect no client can tell apart from
+# a network failure).
+
+
+def multi_route_config(
+    upstream: FakeUpstream, routes: list[dict[str, object]], **top: object
+) -> dict[str, object]:
+    """A config on 127.0.0.1:0 with `routes` (each gets upstream + heartbeat defaults)."""
+    full = [{"upstream": upstream.url, "heartbeat": "15s", **route} for route in routes]
+    return {"listen": "127.0.0.1:0", **top, "routes": full}
+
+
+@contextlib.contextmanager
+def running_config(
+    tmp_path: Path, config: dict[str, object], name: str = "ssefan.yaml"
+) -> Iterator[SsefanProcess]:
+    """ssefan on an arbitrary config dict; stopped on exit."""
+    proc = SsefanProcess(write_config(tmp_path / name, config)).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+class RawConnection:
+    """One client connection for hand-written requests and keep-alive checks."""
+
+    def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+
+    def send(self, raw: bytes) -> None:
+        self.sock.sendall(raw)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed by the server; unread: {self.buf!r}")
+        self.buf += data
+
+    def read_head(self) -> Response:
+        """The next response's status line and headers (body left unread)."""
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        parts = status_line.split(" ", 2)
+        return Response(int(parts[1]), parts[2] if len(parts) > 2 else "", headers, b"")
+
+    def read_response(self, *, head_only: bool = False) -> Response:
+        """The next complete response; `head_only` for answers to HEAD (no body)."""
+        response = self.read_head()
+        if head_only or response.status in (204, 304) or response.status < 200:
+            return response
+        if "content-length" in response.headers:
+            length = int(response.headers["content-length"])
+            while len(self.buf) < length:
+                self._fill()
+            response.body, self.buf = self.buf[:length], self.buf[length:]
+        elif response.headers.get("transfer-encoding", "").lower() == "chunked":
+            raise AssertionError("read_response does not decode chunked bodies")
+        else:
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    self._fill()
+            response.body, self.buf = self.buf, b""
+        return response
+
+    def read_until(self, marker: bytes, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Read into `buf` until it holds `marker`; fail after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while marker not in self.buf:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {marker!r} after {timeout}s; got {self.buf!r}")
+            self._fill()
+
+    def wait_closed(self, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+        """Read until the server closes (EOF or reset); return what came before.
+
+        Fails if the connection is still open after `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        data = b""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"connection still open after {timeout}s; got {data!r}")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return data
+            if not chunk:
+                return data
+            data += chunk
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+@dataclass
+class ProxiedConnection:
+    client: socket.socket
+    server: socket.socket
+    request_head: bytes = b""
+
+
+class CutProxy:
+    """A loopback TCP forwarder to `target` whose connections the test can sever.
+
+    `cut()` closes both ends of every open connection: the client sees its
+    stream end mid-body, as after a network failure or a server restart, and
+    must reconnect by itself. `requests` holds each connection's request head
+    (so a test can check the Last-Event-ID a client resumed with).
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.connections: list[ProxiedConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> CutProxy:
+        self._spawn(self._accept_loop)
+        return self
+
+    def _spawn(self, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    @property
+    def requests(self) -> list[dict[str, str]]:
+        """Request headers (lower-case names) per connection, oldest first."""
+        out = []
+        with self._lock:
+            heads = [conn.request_head for conn in self.connections]
+        for head in heads:
+            headers: dict[str, str] = {}
+            for line in head.decode("latin-1").split("\r\n")[1:]:
+                if ":" in line:
+                    name, value = line.split(":", 1)
+                    headers[name.strip().lower()] = value.strip()
+            out.append(headers)
+        return out
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=DEFAULT_TIMEOUT)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            conn = ProxiedConnection(client, server)
+            with self._lock:
+                self.connections.append(conn)
+            self._spawn(self._pumper(conn, client, server, record=True))
+            self._spawn(self._pumper(conn, server, client, record=False))
+
+    def _pumper(
+        self, conn: ProxiedConnection, src: socket.socket, dst: socket.socket, *, record: bool
+    ) -> Callable[[], None]:
+        def run() -> None:
+            self._pump(conn, src, dst, record=record)
+
+        return run
+
+    def _pump(
+        self, conn: ProxiedConnection, src: socket.socket, dst: socket.socket, *, record: bool
+    ) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if record and b"\r\n\r\n" not in conn.request_head:
+                    conn.request_head += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._sever(conn)
+
+    @staticmethod
+    def _sever(conn: ProxiedConnection) -> None:
+        for sock in (conn.client, conn.server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def cut(self) -> int:
+        """Sever every open connection; return how many there were."""
+        with self._lock:
+            conns = list(self.connections)
+        for conn in conns:
+            self._sever(conn)
+        return len(conns)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self.cut()
+        for thread in self._threads:
+            thread.join(DEFAULT_TIMEOUT)
