@@ -159,8 +159,12 @@ class Upstream:
 
     def backoff_delay(self, attempt: int) -> float:
         """Full jitter (AWS architecture blog): uniform in [0, min(cap, base*2^n)]."""
-        base = self.retry_hint if self.retry_hint is not None else self.config.backoff_base
-        base = max(base, MIN_RETRY_BASE)
+        # The floor guards against the app's `retry:` only; the operator's
+        # configured base is taken as written (config requires it > 0).
+        if self.retry_hint is not None:
+            base = max(self.retry_hint, MIN_RETRY_BASE)
+        else:
+            base = self.config.backoff_base
         ceiling = min(self.config.backoff_max, base * (2**attempt))
         return self._rng.uniform(0, ceiling)
 

@@ -99,6 +99,9 @@ class FakeUpstream:
         self.port = self._server.sockets[0].getsockname()[1]
 
     def close(self) -> None:
+        if self._loop.is_closed():
+            return  # closed already (a test may stop the app before the fixture does)
+
         async def _stop() -> None:
             if self._server is not None:
                 self._server.close()
@@ -908,3 +911,14 @@ class CutProxy:
         self.cut()
         for thread in self._threads:
             thread.join(DEFAULT_TIMEOUT)
+
+
+class FixedPortUpstream(FakeUpstream):
+    """A FakeUpstream on a chosen port: the app coming back after a restart."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.port = port
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
