@@ -18,7 +18,7 @@ from importlib import resources
 import h11
 
 from .app import App, new_event_loop
-from .config import Config, CorsConfig, ListenConfig, RouteConfig, UpstreamConfig
+from .config import Config, CorsConfig, ListenConfig, RouteConfig, StartConfig, UpstreamConfig
 from .server import HTTPConnection
 from .sse import Event, encode
 
@@ -100,6 +100,8 @@ def demo_config(host: str, port: int, ticker_port: int) -> Config:
                 buffer=300,
                 heartbeat=15.0,
                 retry=2000,
+                # A new page shows the last few ticks at once: the ring at work.
+                start=StartConfig(kind="events", count=5),
                 cors=CorsConfig(allow_origins=("*",)),
             ),
         ),
