@@ -1,28 +1,60 @@
-"""Wiring and lifecycle: channels, upstreams and the listener for one Config."""
+"""Wiring and lifecycle: channels, upstreams and the listener for one Config.
+
+`App` is one running ssefan (start, reload, drain, stop); `run()` is the process
+around it: signals (HUP reloads, TERM/INT drain), sd_notify (READY, STATUS,
+WATCHDOG, RELOADING, STOPPING), socket activation and the admin listener.
+`serve()` hands `workers: N > 1` to the supervisor.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
+from . import __version__, logs, metrics
+from . import reload as reloading
+from .admin import Admin
+from .auth import ForwardAuth, forward_auths
 from .channel import Channel, DisconnectReason
-from .config import Config
+from .config import Config, ConfigError, RouteConfig, load_config
+from .notify import Notifier, watchdog_interval
+from .proxy import Proxy
 from .server import Server
-from .upstream import Upstream
+from .sockets import LISTEN_BACKLOG, systemd_listener
+from .upstream import Upstream, UpstreamState
+from .worker import WorkerEnv
 
 __all__ = ["App", "run", "serve"]
 
 log = logging.getLogger("ssefan")
 
-# Pending connections the kernel queues for us. A reconnect storm of thousands
-# of browsers arrives within a second; 4096 is also nginx's default on Linux.
-LISTEN_BACKLOG = 4096
 # How long shutdown waits for upstream tasks to notice cancellation.
 STOP_TIMEOUT = 5.0
+# Drain: streams are ended in random order, spread evenly over drain_window,
+# but at least this many per second. A few hundred reconnects a second are
+# nothing for the next instance, and a handful of clients should not hold a
+# restart for the whole window.
+MIN_DRAIN_RATE = 200.0
+# How often the drain ends its next batch: 50 batches a second look continuous
+# to the instance receiving the reconnects.
+DRAIN_TICK = 0.02
+# The `retry:` (ms) each drained stream gets before it ends: a random wait in
+# this range before the browser reconnects, so the closes' spread is not undone
+# by everyone reconnecting at once. Up to 3 s, browsers' own default order, since
+# EventSource keeps the value for later reconnects too.
+DRAIN_RETRY_MS = (1000, 3000)
+# Part of shutdown_timeout the drain may use; the rest is for stopping
+# upstreams and flushing the last writes before the deadline.
+DRAIN_SHARE_OF_DEADLINE = 0.8
+# STATUS= to systemd (and the supervisor) is refreshed this often.
+STATUS_INTERVAL = 5.0
 
 
 class App:
@@ -34,16 +66,29 @@ class App:
         self.upstreams: dict[str, Upstream] = {}
         self.server: Server | None = None
         self.listener: asyncio.Server | None = None
+        # Pass-through to `app` (None without one) and forward-auth by route.
+        self.proxy: Proxy | None = None
+        self.auth: dict[str, ForwardAuth] = {}
+        self.started_at = time.time()
+        self.reloads = {"ok": 0, "failed": 0}
+        # Set on every upstream state change: readiness is waited for on it.
+        self._upstream_changed = asyncio.Event()
+        self._rng = random.Random()
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | None = None, *, announce: bool = True) -> None:
+        """Listen and subscribe. `announce` logs the "listening on" line (a
+        supervisor's workers leave that line to the supervisor)."""
         loop = asyncio.get_running_loop()
         for route in self.config.routes:
-            channel = Channel(route, loop=loop)
-            upstream = Upstream(route.upstream, channel, route=route.path)
-            channel.attach_source(upstream)
-            self.channels[route.path] = channel
-            self.upstreams[route.path] = upstream
-        self.server = Server(self.config, self.channels)
+            self._add_route(route)
+        self.proxy = Proxy(self.config) if self.config.app is not None else None
+        self.auth = forward_auths(self.config)
+        self.server = Server(
+            self.config,
+            self.channels,
+            pass_through=self.proxy.forward if self.proxy is not None else None,
+            auth=self.auth,
+        )
         listen = self.config.listen
         if sock is not None:
             self.listener = await loop.create_server(
@@ -59,8 +104,29 @@ class App:
             )
         for channel in self.channels.values():
             channel.start()
+        for auth in self.auth.values():
+            auth.start()
         routes = ", ".join(f"{r.path} <- {r.upstream.url}" for r in self.config.routes)
-        log.info("ssefan listening on %s (routes: %s)", self.url, routes or "none")
+        if announce:
+            log.info("ssefan listening on %s (routes: %s)", self.url, routes or "none")
+        else:
+            log.info("worker accepting connections at %s", self.url)
+
+    def _add_route(self, route: RouteConfig) -> Channel:
+        channel = Channel(route, loop=asyncio.get_running_loop())
+        channel.attach_source(self._new_upstream(route, channel))
+        self.channels[route.path] = channel
+        return channel
+
+    def _new_upstream(self, route: RouteConfig, channel: Channel) -> Upstream:
+        upstream = Upstream(
+            route.upstream, channel, route=route.path, on_state=self._on_upstream_state
+        )
+        self.upstreams[route.path] = upstream
+        return upstream
+
+    def _on_upstream_state(self, state: UpstreamState) -> None:
+        self._upstream_changed.set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -73,19 +139,160 @@ class App:
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    async def stop(self) -> None:
+    # -- readiness and metrics ---------------------------------------------------
+
+    def readiness(self) -> list[str]:
+        """Why this process is not ready; empty when listening and every eager
+        upstream streams (what /readyz and READY=1 report)."""
+        if self.listener is None or not self.listener.is_serving():
+            return ["not listening"]
+        return [
+            f"{path} upstream {self.upstreams[path].state.value}"
+            for path, channel in self.channels.items()
+            if channel.route.mode == "eager"
+            and self.upstreams[path].state is not UpstreamState.STREAMING
+        ]
+
+    async def wait_ready(self, within: float) -> bool:
+        """Wait until ready, at most `within` seconds; True if it got there."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while self.readiness():
+                    self._upstream_changed.clear()
+                    await self._upstream_changed.wait()
+        return not self.readiness()
+
+    async def families(self) -> list[metrics.Family]:
+        server = self.server
+        process = metrics.ProcessInfo(
+            version=__version__,
+            started_at=self.started_at,
+            ready=not self.readiness(),
+            refused=server.refused if server is not None else {},
+            connections=len(server.connections) if server is not None else 0,
+            reloads=self.reloads,
+        )
+        return metrics.collect(self.channels, self.upstreams, process)
+
+    def status_line(self) -> str:
+        """STATUS= for systemd: what `systemctl status` shows under the unit."""
+        clients = sum(channel.client_count for channel in self.channels.values())
+        streaming = sum(u.state is UpstreamState.STREAMING for u in self.upstreams.values())
+        return (
+            f"{_count(clients, 'client')} on {_count(len(self.channels), 'route')};"
+            f" {streaming}/{len(self.upstreams)} upstreams streaming"
+        )
+
+    # -- reload -------------------------------------------------------------------
+
+    def reload(self, new: Config) -> reloading.ReloadPlan:
+        """Apply a validated config in one event-loop step (no await: no client
+        sees half of it). Clients of kept routes stay connected."""
+        change = reloading.plan(self.config, new)
+        for line in change.needs_restart:
+            log.warning("reload: %s", line)
+        new = reloading.keep_fixed(self.config, new)
+        for path in change.removed:
+            channel = self.channels.pop(path)
+            self.upstreams.pop(path, None)
+            channel.close(DisconnectReason.DRAIN)  # clients reconnect and get 404
+        for route in change.kept:
+            channel = self.channels[route.path]
+            source = None
+            if route.path in change.new_upstream:
+                source = self._new_upstream(route, channel)
+            channel.reconfigure(route, source)
+        for route in change.added:
+            self._add_route(route).start()
+        # Same dict object (the Server holds it), in the new config's order.
+        order = {route.path: self.channels[route.path] for route in new.routes}
+        self.channels.clear()
+        self.channels.update(order)
+        self._reconfigure_pass_through(self.config, new)
+        self.config = new
+        if self.server is not None:
+            self.server.config = new  # limits and timeouts apply to new connections
+        self._upstream_changed.set()
+        return change
+
+    def _reconfigure_pass_through(self, old: Config, new: Config) -> None:
+        """Pass-through and forward-auth follow a reload when their settings changed.
+
+        A replaced Proxy's in-flight requests finish on their own connections;
+        closing it only drops its idle pool. Forward-auth is rebuilt for every
+        route when any of its inputs changed (auth pools are shared across
+        routes, so one cannot be swapped alone): decisions in flight are
+        cancelled (those clients reconnect), and streams admitted before are no
+        longer revalidated until they reconnect.
+        """
+        if self.server is None:
+            return
+        if _proxy_inputs(old) != _proxy_inputs(new):
+            if self.proxy is not None:
+                self.proxy.close()
+            self.proxy = Proxy(new) if new.app is not None else None
+            self.server.pass_through = self.proxy.forward if self.proxy is not None else None
+        if _auth_inputs(old) != _auth_inputs(new):
+            for auth in self.auth.values():
+                auth.close()
+            self.auth.clear()  # the Server holds this same dict
+            self.auth.update(forward_auths(new))
+            for auth in self.auth.values():
+                auth.start()
+
+    # -- shutdown -------------------------------------------------------------------
+
+    async def drain(self, window: float, hurry: asyncio.Event | None = None) -> int:
+        """Stop accepting, then end every stream, spread over `window` seconds.
+
+        Streams end in random order at an even rate (at least MIN_DRAIN_RATE a
+        second), each with a jittered `retry:` first, so the clients' reconnects
+        reach the next instance spread out rather than in one burst. Upstreams
+        keep feeding the streams not yet ended. `hurry` set ends the rest at once.
+        Returns the number of streams ended.
+        """
+        if self.listener is not None:
+            self.listener.close()
+        streams = [(c, sub) for c in self.channels.values() for sub in c.subscribers()]
+        self._rng.shuffle(streams)
+        total = len(streams)
+        spread = min(window, total / MIN_DRAIN_RATE)
+        if total:
+            log.info("draining %d streams over %.2fs", total, spread)
+        loop = asyncio.get_running_loop()
+        start, done = loop.time(), 0
+        while done < total:
+            elapsed = loop.time() - start
+            hurried = hurry is not None and hurry.is_set()
+            due = total if hurried or elapsed >= spread else math.ceil(total * elapsed / spread)
+            for channel, sub in streams[done:due]:
+                channel.end_stream(
+                    sub, DisconnectReason.DRAIN, retry=self._rng.randint(*DRAIN_RETRY_MS)
+                )
+            done = max(done, due)
+            if done < total:
+                await _sleep_or(DRAIN_TICK, hurry)
+        return total
+
+    async def stop(self, grace: float = STOP_TIMEOUT) -> None:
+        """End every stream now, stop the upstreams (waiting up to `grace`
+        seconds for them) and close every connection."""
         if self.listener is not None:
             self.listener.close()
         for channel in self.channels.values():
             channel.close(DisconnectReason.DRAIN)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(STOP_TIMEOUT):
+            async with asyncio.timeout(grace):
                 for upstream in self.upstreams.values():
                     await upstream.wait_stopped()
         if self.server is not None:
             for connection in list(self.server.connections):
                 if connection.transport is not None:
                     connection.transport.close()
+        if self.proxy is not None:
+            self.proxy.close()
+        for auth in self.auth.values():
+            auth.close()
         log.info("ssefan stopped")
 
 
@@ -94,22 +301,188 @@ async def run(
     *,
     setup: Callable[[App], Awaitable[None]] | None = None,
 ) -> int:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT (then drain); SIGHUP reloads the config."""
+    worker = WorkerEnv.from_env()
+    sock = worker.listener(config) if worker is not None else systemd_listener()
+    if sock is not None and worker is None:
+        log.info("serving on the socket systemd passed; the config's listen address is not bound")
     app = App(config)
-    await app.start()
+    await app.start(sock, announce=worker is None)
     if setup is not None:
         await setup(app)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await app.stop()
-    return 0
+    return await _Process(app, worker).run()
+
+
+class _Process:
+    """The process around one App: signals, sd_notify, the admin listener,
+    reload and the drain at the end."""
+
+    def __init__(self, app: App, worker: WorkerEnv | None) -> None:
+        self.app = app
+        self.worker = worker
+        self.notifier = Notifier.from_env()
+        self.admin: Admin | None = None
+        self.stopping = asyncio.Event()  # TERM/INT (or the supervisor gone)
+        self.hurry = asyncio.Event()  # a second SIGINT: end the drain at once
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._ready: asyncio.Task[None] | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self._start_admin()
+        signals = {
+            signal.SIGTERM: self._terminate,
+            signal.SIGINT: self._interrupt,
+            signal.SIGHUP: self._reload,
+        }
+        for sig, handler in signals.items():
+            loop.add_signal_handler(sig, handler)
+        if self.worker is not None:
+            # ssefan's own field, for the supervisor only: it logs the
+            # "listening on" line once every worker accepts, and from now on
+            # this worker handles SIGHUP (before, it would have killed it).
+            self.notifier.send(LISTENING=1)
+            loop.add_reader(self.worker.parent_fd, self._supervisor_gone)
+        interval = watchdog_interval()
+        if interval is not None:
+            self.notifier.watchdog()
+            self._every("watchdog", interval, self.notifier.watchdog)
+        self._every("status", STATUS_INTERVAL, lambda: self.notifier.status(self.app.status_line()))
+        self._ready = loop.create_task(self._announce_ready(), name="ready")
+        try:
+            await self.stopping.wait()
+        finally:
+            if self.worker is not None:
+                loop.remove_reader(self.worker.parent_fd)
+            self._ready.cancel()
+            await self._shutdown()  # signals still handled: a second SIGINT hurries it
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            for timer in self._timers.values():
+                timer.cancel()
+            self.notifier.close()
+        return 0
+
+    def _every(self, name: str, interval: float, tick: Callable[[], object]) -> None:
+        """Call `tick` every `interval` seconds from the event loop itself (a
+        timer, not a thread): a stuck loop stops the watchdog pings, which is
+        the point of them."""
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            tick()
+            self._timers[name] = loop.call_later(interval, fire)
+
+        self._timers[name] = loop.call_later(interval, fire)
+
+    async def _start_admin(self) -> None:
+        if self.worker is not None:
+            sock = self.worker.admin_listener()
+            if sock is not None:
+                self.admin = Admin(self.app)
+                await self.admin.start_unix(sock)
+        elif self.app.config.admin is not None:
+            self.admin = Admin(self.app)
+            listen = self.app.config.admin.listen
+            await self.admin.start_tcp(listen.host, listen.port)
+
+    async def _announce_ready(self) -> None:
+        timeout = self.app.config.ready_timeout
+        if not await self.app.wait_ready(timeout):
+            log.warning(
+                "not ready after %gs (%s): reporting ready anyway so the service starts",
+                timeout,
+                "; ".join(self.app.readiness()),
+            )
+        self.notifier.ready(self.app.status_line())
+
+    # -- signals --------------------------------------------------------------------
+
+    def _terminate(self) -> None:
+        if not self.stopping.is_set():
+            log.info("SIGTERM: shutting down")
+            self.stopping.set()
+
+    def _interrupt(self) -> None:
+        if self.stopping.is_set():
+            log.info("second SIGINT: ending the drain now")
+            self.hurry.set()
+        else:
+            log.info("SIGINT: shutting down (again to skip the drain)")
+            self.stopping.set()
+
+    def _supervisor_gone(self) -> None:
+        assert self.worker is not None
+        asyncio.get_running_loop().remove_reader(self.worker.parent_fd)
+        if not self.stopping.is_set():
+            log.warning("the supervisor is gone: shutting down")
+            self.stopping.set()
+
+    def _reload(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.notifier.reloading()
+        source = self.app.config.source
+        try:
+            if self.worker is not None:
+                new = self.worker.load_config(source)
+            else:
+                new = load_config(source)
+        except ConfigError as err:
+            for problem in err.problems:
+                log.error("reload: %s", problem)
+            log.error(
+                "reload failed with %d problem(s): still running the previous config",
+                len(err.problems),
+            )
+            self.app.reloads["failed"] += 1
+        else:
+            logs.remember_secrets(new)
+            change = self.app.reload(new)
+            self.app.reloads["ok"] += 1
+            log.info("reloaded %s: %s", source, change.summary())
+        self.notifier.ready(self.app.status_line())
+
+    # -- shutdown -------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        config = self.app.config
+        self.notifier.stopping()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.shutdown_timeout
+        window = min(config.drain_window, config.shutdown_timeout * DRAIN_SHARE_OF_DEADLINE)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.app.drain(window, self.hurry)
+        except TimeoutError:
+            log.warning("shutdown_timeout (%gs) passed during the drain", config.shutdown_timeout)
+        if self.admin is not None:
+            await self.admin.stop()
+        await self.app.stop(grace=max(0.0, deadline - loop.time()))
+
+
+def _proxy_inputs(config: Config) -> tuple[object, ...]:
+    tokens = tuple(r.auth.token_param for r in config.routes if r.auth is not None)
+    return config.app, config.proxy, config.trusted_proxies, tokens
+
+
+def _auth_inputs(config: Config) -> tuple[object, ...]:
+    auths = tuple((r.path, r.auth) for r in config.routes if r.auth is not None)
+    return auths, config.trusted_proxies, config.proxy.pool_idle_timeout
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+async def _sleep_or(delay: float, event: asyncio.Event | None) -> None:
+    """Sleep `delay` seconds, or less if `event` is set meanwhile."""
+    if event is None:
+        await asyncio.sleep(delay)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay):
+            await event.wait()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -123,6 +496,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve(config: Config) -> int:
-    """`ssefan serve`: run the config until a signal says stop."""
+    """`ssefan serve`: run the config until a signal says stop.
+
+    `workers: N > 1` starts a supervisor, which runs N of these processes."""
+    if config.workers > 1 and WorkerEnv.from_env() is None:
+        from .supervisor import supervise
+
+        return supervise(config)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(run(config))

@@ -16,17 +16,20 @@ reconnecting with Last-Event-ID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import logging
 import os
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from .config import RouteConfig
 from .ring import Ring
-from .sse import Event, IdOnly, Overflow, encode, encode_comment, encode_id
+from .sse import Event, IdOnly, Overflow, encode, encode_comment, encode_id, encode_retry
 
 __all__ = [
     "GAP_EVENT",
@@ -130,6 +133,16 @@ class Subscriber:
         self.transport.write(payload)
 
 
+def _reset_on_close(transport: asyncio.BaseTransport) -> None:
+    # abort() drops our buffer, but the kernel would still try to deliver what
+    # its send buffer holds (MiBs for a stuck socket on Linux) before closing.
+    # SO_LINGER with a zero timeout makes close() send RST and free it now.
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def frame_chunk(payload: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(payload), payload)
 
@@ -191,10 +204,70 @@ class Channel:
 
     def end_streams(self, reason: DisconnectReason) -> None:
         for sub in list(self.subscribers()):
-            if sub.chunked and not sub.paused:
+            self.end_stream(sub, reason)
+
+    def end_stream(
+        self, sub: Subscriber, reason: DisconnectReason, *, retry: int | None = None
+    ) -> None:
+        """End one stream cleanly; `retry` (ms) first tells the client how long
+        to wait before it reconnects (a drain spreads the reconnects out)."""
+        if sub.closed:
+            return
+        if not sub.paused:
+            if retry is not None:
+                sub.send(encode_retry(retry))
+            if sub.chunked:
                 # A terminal chunk lets the client see a clean end of body.
                 sub.transport.write(_TERMINAL_CHUNK)
-            self._drop(sub, reason, abort=sub.paused)
+        self._drop(sub, reason, abort=sub.paused)
+
+    def reconfigure(self, route: RouteConfig, source: Source | None = None) -> None:
+        """Apply a reloaded route in place: the ring and every client stay.
+
+        `source` replaces the subscription (the upstream settings changed); it
+        resumes from `upstream_last_id` and its replays are de-duplicated
+        against the ring as after any reconnect. Changed ring bounds rebuild
+        the ring with the same sequence numbers, so cursors stay valid.
+        """
+        old = self.route
+        if source is not None:
+            was_running = self._source_running
+            self._stop_source()
+            self.source = source
+            if was_running:
+                self._start_source()
+        self.route = route
+        if (route.buffer, route.buffer_bytes, route.buffer_age) != (
+            old.buffer,
+            old.buffer_bytes,
+            old.buffer_age,
+        ):
+            self._rebuild_ring()
+        self._heartbeat_bytes = self._make_heartbeat()
+        if self._heartbeat_handle is not None and route.heartbeat != old.heartbeat:
+            self._heartbeat_handle.cancel()
+            self._schedule_heartbeat(route.heartbeat)
+        if self.stopped_by_upstream:
+            # The app's 204 holds "until a reload or restart": this is the reload.
+            self.stopped_by_upstream = False
+        if route.mode == "eager" and self._heartbeat_handle is not None:
+            self._start_source()
+            if self._linger_handle is not None:
+                self._linger_handle.cancel()
+                self._linger_handle = None
+        elif old.mode == "eager" and self.client_count == 0 and self._source_running:
+            self._linger_handle = self.loop.call_later(route.linger, self._linger_expired)
+
+    def _rebuild_ring(self) -> None:
+        old, route = self.ring, self.route
+        ring = Ring(max_events=route.buffer, max_bytes=route.buffer_bytes, max_age=route.buffer_age)
+        # Same numbering: a lagging client's cursor means the same event after.
+        ring.first_seq = ring.next_seq = old.first_seq
+        for seq in range(old.first_seq, old.next_seq):
+            ring.append(old.id_at(seq), old.join(seq, seq + 1), old.time_at(seq))
+        self.ring = ring
+        if self._lagging:
+            self._police_laggards()  # a smaller ring may have dropped their place
 
     def _start_source(self) -> None:
         if self.source is not None and not self._source_running:
@@ -416,6 +489,7 @@ class Channel:
             log.info("route=%s client cut off: %s", self.route.path, reason)
         if close:
             if abort:
+                _reset_on_close(sub.transport)
                 sub.transport.abort()  # a stuck client would never flush a graceful close
             else:
                 sub.transport.close()

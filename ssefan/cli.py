@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
 import shlex
 import sys
 
+from ssefan import logs
 from ssefan.config import Config, ConfigError, load_config
+from ssefan.logs import LOG_FORMATS
+from ssefan.worker import inherited_config, log_fields
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -32,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "check":
         return _check(args.config)
     if command == "serve":
-        return _serve(args.config, args.log_level)
-    return _demo(args.host, args.port, args.log_level)
+        return _serve(args.config, args.log_level, args.log_format)
+    return _demo(args.host, args.port, args.log_level, args.log_format)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,13 @@ def _add_log_level_option(parser: argparse.ArgumentParser) -> None:
         default="info",
         help="log messages at this level and above to stderr (%(default)s)",
     )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        default="text",
+        help="one line per record: key=value text or JSON (%(default)s)",
+    )
 
 
 def _port(text: str) -> int:
@@ -102,28 +111,32 @@ def _check(path: str) -> int:
     return EXIT_OK
 
 
-def _serve(path: str, log_level: str) -> int:
+def _serve(path: str, log_level: str, log_format: str = "text") -> int:
     config = _load_or_report(path)
     if config is None:
         return EXIT_CONFIG
-    _configure_logging(log_level)
+    _configure_logging(log_level, log_format)
+    logs.remember_secrets(config)
     # Imported here so `check` and `--version` never load the server stack.
     from ssefan.app import serve
 
     return serve(config)
 
 
-def _demo(host: str, port: int, log_level: str) -> int:
-    _configure_logging(log_level)
+def _demo(host: str, port: int, log_level: str, log_format: str = "text") -> int:
+    _configure_logging(log_level, log_format)
     from ssefan.demo import run_demo
 
     return run_demo(host=host, port=port)
 
 
 def _load_or_report(path: str) -> Config | None:
-    """The config, or None after printing every problem and how to go on."""
+    """The config, or None after printing every problem and how to go on.
+
+    A supervisor's worker takes the config its supervisor validated (see
+    ssefan/worker.py), not whatever the file says by now."""
     try:
-        return load_config(path)
+        return inherited_config(path) or load_config(path)
     except ConfigError as err:
         for problem in err.problems:
             print(problem, file=sys.stderr)
@@ -150,9 +163,5 @@ def summary(config: Config) -> str:
     return line + (f", app {config.app}" if config.app else "")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    logs.configure(level, log_format, fields=log_fields())

@@ -4,23 +4,33 @@ h11 parses requests and frames ordinary responses (keep-alive included). For a
 stream, h11 writes the response head and then steps aside: the body is written
 straight to the transport by the channel, so the per-client cost of an event
 is one `transport.write` of bytes framed once for everybody.
+
+Two things need to await before they can answer: a pass-through exchange with
+the app, and forward-auth before a stream opens. For those the connection is
+handed off to a task: bytes the client sends go to a bounded inbox the task
+pulls from (reading pauses when it is full), and the task waits on
+`pause_writing` through a write gate (flow.py). When the task ends, the
+connection goes back to keep-alive, becomes a stream, or closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 
 from . import cors
+from .auth import Credential, ForwardAuth
 from .channel import Channel, DisconnectReason, Subscriber
 from .config import Config
+from .flow import Inbox, WriteGate
+from .forwarding import describe_h11_error
 from .sse import encode_comment, encode_retry
 
 __all__ = ["HTTPConnection", "Server"]
@@ -30,6 +40,12 @@ log = logging.getLogger("ssefan.server")
 # Clients refused for capacity are told to come back after this long; browsers'
 # EventSource ignores Retry-After and uses its own 3-5 s, SDKs honour it.
 RETRY_AFTER_SECONDS = 5
+# RFC 9112 §9.6: after answering a request whose body was not read (413, a
+# failed upload), close the write side and read (and drop) for this long
+# before closing, or the unread bytes make the kernel send a reset that can
+# destroy the answer before the client reads it. 2 s covers a loopback or LAN
+# client's in-flight data; a client still sending after that is cut.
+LINGER_SECONDS = 2.0
 # Query parameters that may carry the resume id on a first connect (EventSource
 # can't set headers): ours, the camelCase spelling, and the EventSource polyfill's.
 LAST_EVENT_ID_PARAMS = ("last_event_id", "lastEventId", "evs_last_event_id")
@@ -55,8 +71,14 @@ class Server:
     streams: int = 0
     # Counters for refusals, by status code.
     refused: dict[int, int] = field(default_factory=dict)
-    # Called for requests to paths that are not stream routes (pass-through).
+    # Called for requests to paths that are not stream routes; True if it answered
+    # (the demo serves its page this way).
     fallback: Callable[[HTTPConnection, h11.Request], bool] | None = None
+    # Then the pass-through to the app (proxy.Proxy.forward), if `app` is set:
+    # the connection is handed off to it until the exchange ends.
+    pass_through: Callable[[HTTPConnection, h11.Request], Coroutine[Any, Any, None]] | None = None
+    # Forward-auth by route path.
+    auth: dict[str, ForwardAuth] = field(default_factory=dict)
 
     def protocol_factory(self) -> HTTPConnection:
         return HTTPConnection(self)
@@ -113,11 +135,20 @@ class HTTPConnection(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.peer_ip = ""
+        self.scheme = "http"
         self.subscriber: Subscriber | None = None
         self.channel: Channel | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._lost = False
         self._head_only = False  # the current request is HEAD: no body may follow
+        # While a task (pass-through or forward-auth) owns the connection.
+        self._task: asyncio.Task[None] | None = None
+        self._inbox: Inbox | None = None
+        self._gate = WriteGate()
+        self._unwatch: Callable[[], None] | None = None  # stop forward-auth revalidation
+        self._switched = False  # receive_raw took h11's leftover bytes after a 101
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -127,24 +158,40 @@ class HTTPConnection(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
+            self.peer_ip = str(peer[0])
+        if self.transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
         self.server.connections.add(self)
         self._arm_timer(self.config.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._cancel_timer()
         self.server.connections.discard(self)
         if self.subscriber is not None and self.channel is not None:
             self.channel.unsubscribe(self.subscriber)
+        gone = ConnectionResetError("the client closed the connection")
+        self._gate.fail(gone)
+        if self._inbox is not None:
+            self._inbox.fail(gone)
+        if self._task is not None:
+            self._task.cancel()  # nobody to answer: stop the exchange with the app
 
     def data_received(self, data: bytes) -> None:
         if self.subscriber is not None or self._closing:
             # A stream's client has nothing more to say; anything it pipelines
             # is dropped, never buffered.
             return
+        if self._inbox is not None:
+            self._inbox.put(data)  # a task owns the connection: it pulls
+            return
         self.conn.receive_data(data)
         self._process()
 
     def eof_received(self) -> bool:
+        if self._inbox is not None and self.subscriber is None:
+            self._inbox.put_eof()
+            return True  # half-closed: the task may still answer
         if self.subscriber is None and not self._closing:
             self.conn.receive_data(b"")
             self._process()
@@ -153,16 +200,20 @@ class HTTPConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self.subscriber is not None and self.channel is not None:
             self.channel.pause(self.subscriber)
+        else:
+            self._gate.pause()
 
     def resume_writing(self) -> None:
         if self.subscriber is not None and self.channel is not None:
             self.channel.resume(self.subscriber)
+        else:
+            self._gate.resume()
 
     # -- request handling ---------------------------------------------------------
 
     def _process(self) -> None:
         conn = self.conn
-        while not self._closing and self.subscriber is None:
+        while not self._closing and self.subscriber is None and self._task is None:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -190,10 +241,13 @@ class HTTPConnection(asyncio.Protocol):
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint
         self.server.count_refusal(status)
-        log.info("peer=%s bad request (%d): %s", self.peer, status, exc)
+        # h11 quotes the offending line, which may be a Cookie or Authorization
+        # header: neither the log nor the answer repeats it.
+        problem = describe_h11_error(exc)
+        log.info("peer=%s bad request (%d): %s", self.peer, status, problem)
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             reason = "request head too large" if status == 431 else "malformed request"
-            self._write(_raw_response(status, f"{status} {reason}: {exc}\n"))
+            self._write(_raw_response(status, f"{status} {reason}: {problem}\n"))
         self._close()
 
     def _on_request(self, request: h11.Request) -> None:
@@ -216,13 +270,16 @@ class HTTPConnection(asyncio.Protocol):
         if channel is None:
             if self.server.fallback is not None and self.server.fallback(self, request):
                 return
+            if self.server.pass_through is not None:
+                self._hand_off(self.server.pass_through(self, request))
+                return
             self.respond(404, f"404 no route for {parts.path}\n")
             return
         method = request.method
         if method == b"OPTIONS":
             self._preflight(channel, request)
         elif method in (b"GET", b"HEAD"):
-            self._open_stream(channel, request, parts.query)
+            self._open_stream(channel, request, parts.path, parts.query)
         else:
             self.server.count_refusal(405)
             self.respond(
@@ -244,17 +301,76 @@ class HTTPConnection(asyncio.Protocol):
             return
         self.respond(204, "", headers)
 
-    def _open_stream(self, channel: Channel, request: h11.Request, query: str) -> None:
+    def _open_stream(self, channel: Channel, request: h11.Request, path: str, query: str) -> None:
         route = channel.route
         cors_headers = cors.response_headers(route.cors, _header(request, b"origin"))
         if cors_headers is None:
             self.server.count_refusal(403)
             self.respond(403, f"403 origin not allowed on {route.path}\n")
             return
+        auth = self.server.auth.get(route.path)
+        if route.auth is not None and (auth is None or auth.config != route.auth):
+            # A reload changed this route's auth and nothing applied it: fail
+            # closed rather than stream to whoever asks.
+            log.warning("route=%s forward-auth settings not in force: refusing", route.path)
+            self.server.count_refusal(503)
+            self.respond(503, "503 authorization is unavailable, retry shortly\n", cors_headers)
+            return
+        if auth is None:
+            self._start_stream(channel, request, query, cors_headers)
+            return
+        if self._refused(channel, cors_headers):
+            return  # no auth call for a stream that could not open anyway
+        credential = auth.credential(
+            request.headers.raw_items(),
+            path,
+            query,
+            peer_ip=self.peer_ip,
+            scheme=self.scheme,
+            volatile_params=LAST_EVENT_ID_PARAMS,
+        )
+        self._hand_off(self._authorize(auth, credential, channel, request, query, cors_headers))
+
+    async def _authorize(
+        self,
+        auth: ForwardAuth,
+        credential: Credential,
+        channel: Channel,
+        request: h11.Request,
+        query: str,
+        cors_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Ask forward-auth, then open the stream in one synchronous step."""
+        decision = await auth.decide(credential)
+        if self._lost:
+            return
+        if not decision.admitted:
+            self.server.count_refusal(decision.status)
+            self.respond(
+                decision.status,
+                decision.body,
+                [*decision.headers, *cors_headers],
+                content_type=decision.content_type,
+            )
+            return
+        # No await from here on: the capacity re-check, the head and the
+        # subscribe (replay + going live) happen in this one event-loop step.
+        self._start_stream(channel, request, query, cors_headers)
+        if self.subscriber is not None and auth.config.revalidate is not None:
+            self._unwatch = auth.watch(credential, self._credential_revoked)
+
+    def _credential_revoked(self) -> None:
+        """Forward-auth no longer admits this stream's credential: end it cleanly."""
+        if self.subscriber is not None and self.channel is not None:
+            self.channel.end_stream(self.subscriber, DisconnectReason.ERROR)
+
+    def _refused(self, channel: Channel, cors_headers: list[tuple[bytes, bytes]]) -> bool:
+        """Answer (and return True) if the route can't take a stream now."""
+        route = channel.route
         if channel.stopped_by_upstream:
             # The app said "stop" (204); pass it on so browsers stop reconnecting.
             self.respond(204, "", cors_headers)
-            return
+            return True
         if self._over_capacity(channel):
             self.server.count_refusal(503)
             self.respond(
@@ -262,7 +378,19 @@ class HTTPConnection(asyncio.Protocol):
                 f"503 too many clients on {route.path}, retry in {RETRY_AFTER_SECONDS}s\n",
                 [(b"retry-after", str(RETRY_AFTER_SECONDS).encode("ascii")), *cors_headers],
             )
+            return True
+        return False
+
+    def _start_stream(
+        self,
+        channel: Channel,
+        request: h11.Request,
+        query: str,
+        cors_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        if self._refused(channel, cors_headers):
             return
+        route = channel.route
         headers = STREAM_HEADERS + cors_headers
         conn = self.conn
         if request.method == b"HEAD":
@@ -302,6 +430,101 @@ class HTTPConnection(asyncio.Protocol):
 
     def _stream_closed(self, reason: DisconnectReason) -> None:
         self.server.streams -= 1
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+
+    # -- hand-off: a task owns the connection until it is done ---------------------
+
+    def _hand_off(self, work: Coroutine[Any, Any, None]) -> None:
+        assert self.transport is not None
+        self._inbox = Inbox(self.transport)
+        self._task = asyncio.get_running_loop().create_task(work)
+        self._task.add_done_callback(self._handed_back)
+
+    def _handed_back(self, task: asyncio.Task[None]) -> None:
+        self._task = None
+        inbox, self._inbox = self._inbox, None
+        assert inbox is not None
+        pending, at_eof = inbox.take(), inbox.at_eof  # take() also resumes reading
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("peer=%s request failed unexpectedly", self.peer, exc_info=exc)
+            self.abort()
+            return
+        if self._lost or self._closing:
+            return
+        if self.subscriber is not None:
+            # A stream now: it drops whatever the client sends, and ends as any
+            # stream does when the client has closed its side.
+            if at_eof and self.transport is not None:
+                self.transport.close()
+            return
+        conn = self.conn
+        if conn.their_state is h11.SEND_BODY and conn.our_state in (h11.DONE, h11.MUST_CLOSE):
+            self._close_lingering()  # answered without reading the whole body
+            return
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            # An upgraded tunnel, an aborted answer: the connection can't carry
+            # another request.
+            self._close()
+            return
+        # Pipelined bytes that arrived meanwhile are the next request.
+        if pending:
+            conn.receive_data(pending)
+        if at_eof:
+            conn.receive_data(b"")
+        self._process()
+
+    # -- proxy.Downstream: the pass-through exchange's view of this connection --------
+
+    @property
+    def writing_paused(self) -> bool:
+        return self._gate.paused
+
+    async def receive(self) -> h11.Event:
+        """The next event of the request body, reading from the client as needed."""
+        assert self._inbox is not None
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return cast(h11.Event, event)
+            conn.receive_data(await self._inbox.get())
+
+    def write(
+        self, event: h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
+    ) -> None:
+        data = self.conn.send(event)
+        if data:
+            self.write_raw(data)
+
+    async def drain(self) -> None:
+        await self._gate.wait()
+
+    async def receive_raw(self) -> bytes:
+        """After a protocol switch: the client's next bytes (b"" at EOF)."""
+        assert self._inbox is not None
+        if not self._switched:
+            # What followed the upgrade request in the same read, handed over once.
+            self._switched = True
+            pending, _ = self.conn.trailing_data
+            if pending:
+                return bytes(pending)
+        return await self._inbox.get()
+
+    def write_raw(self, data: bytes) -> None:
+        if self._lost or self.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self._close()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- writing ------------------------------------------------------------------
 
@@ -334,6 +557,17 @@ class HTTPConnection(asyncio.Protocol):
     def _write(self, data: bytes | None) -> None:
         if data and self.transport is not None:
             self.transport.write(data)
+
+    def _close_lingering(self) -> None:
+        """Half-close, drop what the client still sends, close after LINGER_SECONDS."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self._close()
+            return
+        self._closing = True  # data_received drops everything from now on
+        self._cancel_timer()
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_SECONDS, transport.close)
 
     def _close(self) -> None:
         self._closing = True

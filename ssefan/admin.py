@@ -1,0 +1,198 @@
+"""The admin listener: /healthz, /readyz, /metrics and a live status page.
+
+Off the hot path and off the client port: a small h11 server on its own
+address (`admin: {listen: 127.0.0.1:9090}`), or on a private Unix socket where
+a supervisor collects its workers' metrics. One request per connection
+(`Connection: close`), which is all a scraper or a browser tab needs.
+
+    GET /healthz       200 while the process (its event loop) answers
+    GET /readyz        200 when listening and every eager upstream streams, else 503
+    GET /metrics       Prometheus text format
+    GET /metrics.json  the same families as JSON (what a supervisor merges)
+    GET /              status page, updated live from /status
+    GET /status        SSE: one JSON event per second with each route's
+                       clients, event rate and upstream state
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from importlib import resources
+from typing import Protocol
+
+import h11
+
+from . import metrics
+from .sse import encode_comment
+
+__all__ = ["Admin", "AdminSource"]
+
+log = logging.getLogger("ssefan.admin")
+
+# An admin request is a GET with a few headers; 8 KiB leaves room for a
+# browser's cookies and refuses anything bigger before it is buffered.
+MAX_REQUEST_HEAD = 8 * 1024
+# Time to send that head: the same slowloris guard as the client port.
+REQUEST_TIMEOUT = 10.0
+# The status page's update rate: fast enough to look live, cheap to render.
+STATUS_INTERVAL = 1.0
+
+
+class AdminSource(Protocol):
+    """What the admin endpoints report on: one App, or a supervisor's workers."""
+
+    def readiness(self) -> list[str]:
+        """Why the process is not ready yet; empty when it is."""
+        ...
+
+    def families(self) -> Awaitable[list[metrics.Family]]: ...
+
+
+Handler = Callable[[h11.Request], Awaitable[tuple[int, bytes, bytes]]]
+
+
+class Admin:
+    def __init__(self, source: AdminSource) -> None:
+        self.source = source
+        self.server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._stopping = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start_tcp(self, host: str, port: int) -> None:
+        self.server = await asyncio.start_server(
+            self._serve, host, port, reuse_address=True, limit=MAX_REQUEST_HEAD
+        )
+        log.info("admin endpoints at %s (/healthz /readyz /metrics /)", self.url)
+
+    async def start_unix(self, sock: socket.socket) -> None:
+        """Serve on an already bound and listening Unix socket (a worker's private one)."""
+        self.server = await asyncio.start_unix_server(
+            self._serve, sock=sock, limit=MAX_REQUEST_HEAD
+        )
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    # -- one connection ---------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                request = await _read_request(conn, reader)
+            if request is None:
+                return
+            path = request.target.split(b"?", 1)[0]
+            if request.method not in (b"GET", b"HEAD"):
+                await _respond(conn, writer, 405, b"405 use GET\n")
+            elif path == b"/status":
+                await self._status_stream(conn, writer)
+            else:
+                status, body, content_type = await self._route(path)
+                await _respond(conn, writer, status, body, content_type, head=request.method)
+        except (TimeoutError, ConnectionError, h11.ProtocolError):
+            pass  # a broken admin client concerns nobody else
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _route(self, path: bytes) -> tuple[int, bytes, bytes]:
+        text = b"text/plain; charset=utf-8"
+        if path == b"/healthz":
+            return 200, b"ok\n", text
+        if path == b"/readyz":
+            reasons = self.source.readiness()
+            if reasons:
+                return 503, ("not ready: " + "; ".join(reasons) + "\n").encode(), text
+            return 200, b"ready\n", text
+        if path == b"/metrics":
+            return 200, metrics.render(await self.source.families()), metrics.CONTENT_TYPE
+        if path == b"/metrics.json":
+            return 200, metrics.to_json(await self.source.families()), b"application/json"
+        if path == b"/":
+            page = resources.files("ssefan").joinpath("status.html").read_bytes()
+            return 200, page, b"text/html; charset=utf-8"
+        return 404, b"404 not found: try /healthz, /readyz, /metrics or /\n", text
+
+    async def _status_stream(self, conn: h11.Connection, writer: asyncio.StreamWriter) -> None:
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"connection", b"close"),
+        ]
+        writer.write(
+            conn.send(_response(200, headers)) + conn.send(h11.Data(data=encode_comment("")))
+        )
+        previous: dict[str, tuple[int, float]] = {}
+        while not self._stopping.is_set():
+            snapshot = metrics.status(await self.source.families())
+            now = time.monotonic()
+            routes = snapshot["routes"]
+            assert isinstance(routes, list)
+            for row in routes:
+                events, before = int(row["events"]), previous.get(row["route"])
+                if before is not None and now > before[1]:
+                    row["rate"] = round((events - before[0]) / (now - before[1]), 2)
+                previous[row["route"]] = (events, now)
+            data = f"data: {json.dumps(snapshot, separators=(',', ':'))}\n\n".encode()
+            writer.write(conn.send(h11.Data(data=data)))
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STATUS_INTERVAL):
+                    await self._stopping.wait()
+
+
+async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if isinstance(event, h11.Request):
+            return event
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(MAX_REQUEST_HEAD))
+            continue
+        return None  # ConnectionClosed before a request
+
+
+def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
+    return h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
+
+
+async def _respond(
+    conn: h11.Connection,
+    writer: asyncio.StreamWriter,
+    status: int,
+    body: bytes,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    head: bytes = b"GET",
+) -> None:
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", b"%d" % len(body)),
+        (b"cache-control", b"no-store"),
+        (b"connection", b"close"),
+    ]
+    out = conn.send(_response(status, headers))
+    if head != b"HEAD":
+        out += conn.send(h11.Data(data=body))
+    writer.write(out + conn.send(h11.EndOfMessage()))
+    await writer.drain()

@@ -1,0 +1,479 @@
+"""Forward-auth for stream routes: before a stream opens, the app says who may listen.
+
+`EventSource` can't set headers, and only the app knows its sessions. So for
+each new stream ssefan sends a GET to the route's `auth.url` carrying the
+client's configured credential headers (and a `?token=` moved into a header),
+plus where the client wanted to go:
+
+* 2xx admits; 401/403 go back to the client as they came (status,
+  WWW-Authenticate, body), with no stream; anything else, or no answer within
+  `auth.timeout`, is a 503.
+* Decisions are cached per credential for `auth.cache`, and concurrent asks
+  for one credential share a single request: a reconnect storm of ten
+  thousand tabs of one user costs one auth call.
+* With `revalidate`, one timer per route re-asks once per distinct credential
+  with open streams, and ends the streams of credentials now refused.
+
+A credential is identified by a keyed hash (HMAC-SHA256, key made per
+process) of what is sent to the auth endpoint: the raw values are never a log
+field, a metric label or a dict key, and a logged fingerprint can't be matched
+offline against a guessed cookie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+
+from .config import AuthConfig, Config
+from .forwarding import (
+    Header,
+    TrustedProxies,
+    forwarded_headers,
+    header_values,
+    new_request_id,
+    without_params,
+)
+from .pool import ConnectionPool, Origin, OriginClosed, OriginConnection, OriginProtocolError
+
+__all__ = ["AuthDecision", "Credential", "ForwardAuth", "forward_auths"]
+
+log = logging.getLogger("ssefan.auth")
+
+# The body of a 401/403 passed on to the client is read up to this size. It
+# is a login hint or an error page, not content; a bigger one is replaced by
+# a plain reason rather than held in memory per waiting client.
+MAX_AUTH_BODY = 16 * 1024
+# Decisions remembered per route. At ~200 bytes each, 10 000 bound the cache
+# below 2 MiB while covering every user of a busy instance within `cache`.
+MAX_CACHED_DECISIONS = 10_000
+# Re-asks in flight at once during a revalidation pass, so a route with
+# thousands of distinct users doesn't hit the auth endpoint all at once.
+REVALIDATE_CONCURRENCY = 16
+# Idle keep-alive connections to one auth endpoint.
+AUTH_POOL_SIZE = 8
+USER_AGENT = b"ssefan"
+
+_RETRY_AFTER_SECONDS = 5
+# Client headers that go into the auth request's X-Forwarded-* (nothing else
+# the client sent reaches the auth endpoint unless `forward` names it).
+_IDENTITY_INPUT = frozenset(
+    {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+)
+_ADMIT_OR_DENY = (401, 403)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthDecision:
+    """What the auth endpoint said, as it is passed on to the client."""
+
+    status: int
+    headers: tuple[Header, ...] = ()
+    body: bytes = b""
+    content_type: bytes = b"text/plain; charset=utf-8"
+
+    @property
+    def admitted(self) -> bool:
+        return 200 <= self.status < 300
+
+    @property
+    def cacheable(self) -> bool:
+        return self.admitted or self.status in _ADMIT_OR_DENY
+
+
+UNAVAILABLE = AuthDecision(
+    503,
+    ((b"retry-after", str(_RETRY_AFTER_SECONDS).encode("ascii")),),
+    b"503 authorization is unavailable, retry shortly\n",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """What identifies one client to the auth endpoint, and how to ask about it.
+
+    `headers` holds cookie and token values: never log or print it (its repr
+    is hidden). `fingerprint` is what log lines show.
+    """
+
+    key: bytes
+    headers: tuple[Header, ...] = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.key.hex()[:12]
+
+
+@dataclass(slots=True)
+class _Watched:
+    credential: Credential
+    ends: set[Callable[[], None]] = field(default_factory=set)
+
+
+@dataclass
+class AuthStats:
+    """Plain counters, rendered on scrape."""
+
+    asks: int = 0  # requests sent to the auth endpoint
+    cache_hits: int = 0
+    admitted: int = 0
+    denied: int = 0
+    unavailable: int = 0
+    revoked: int = 0  # streams ended by revalidation
+
+
+class ForwardAuth:
+    """One route's forward-auth: ask, cache, coalesce, revalidate."""
+
+    def __init__(
+        self,
+        route: str,
+        config: AuthConfig,
+        pool: ConnectionPool,
+        *,
+        trusted: TrustedProxies,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.route = route
+        self.config = config
+        self.pool = pool
+        self.trusted = trusted
+        self.clock = clock
+        parts = urlsplit(config.url)
+        self._target = ((parts.path or "/") + (f"?{parts.query}" if parts.query else "")).encode()
+        self._forward = tuple(name.lower().encode("ascii") for name in config.forward)
+        self._token_header = config.token_header.encode("ascii")
+        self._secret = secrets.token_bytes(32)
+        self._cache: dict[bytes, tuple[float, AuthDecision]] = {}
+        self._asking: dict[bytes, asyncio.Task[AuthDecision]] = {}
+        self._watched: dict[bytes, _Watched] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._revalidation: asyncio.Task[None] | None = None
+        self._closed = False
+        self.stats = AuthStats()
+
+    # -- who is asking --------------------------------------------------------------
+
+    def credential(
+        self,
+        request_headers: Sequence[Header],
+        path: str,
+        query: str,
+        *,
+        peer_ip: str,
+        scheme: str,
+        volatile_params: Iterable[str] = (),
+    ) -> Credential:
+        """The credential of a stream request, and the auth request that asks about it.
+
+        `volatile_params` (the resume cursor) change on every reconnect and say
+        nothing about who the client is: they are kept out of the cache key.
+        """
+        sent: list[Header] = [
+            (name, bytes(value)) for name, value in request_headers if name.lower() in self._forward
+        ]
+        token = self._query_token(query)
+        if token is not None and not header_values(sent, self._token_header):
+            # A real header wins: the parameter is the fallback for EventSource.
+            sent.append((self._token_header, token))
+        # The token moved into a header: it has no business in X-Forwarded-Uri,
+        # where auth endpoints tend to log it.
+        uri_query = without_params(query, [self.config.token_param or ""])
+        uri = path + (f"?{uri_query}" if uri_query else "")
+        key_query = without_params(uri_query, volatile_params)
+        key = self._key(sent, path + (f"?{key_query}" if key_query else ""))
+        context: list[Header] = [
+            (b"X-Forwarded-Method", b"GET"),
+            (b"X-Forwarded-Uri", uri.encode("utf-8", "replace")),
+        ]
+        # Who and where the client is, as for proxied requests (trusted peers'
+        # chains extended, anyone else's claims replaced).
+        identity = [(n, v) for n, v in request_headers if n.lower() in _IDENTITY_INPUT]
+        context += [
+            (name, value)
+            for name, value in forwarded_headers(
+                identity, peer_ip=peer_ip, scheme=scheme, trusted=peer_ip in self.trusted
+            )
+            if name.lower() != b"host"
+        ]
+        return Credential(key, tuple(sent + context))
+
+    def _query_token(self, query: str) -> bytes | None:
+        name = self.config.token_param
+        if not name or name not in query:
+            return None
+        values = parse_qs(query, keep_blank_values=False).get(name)
+        if not values:
+            return None
+        token = values[0]
+        value = f"{self.config.token_scheme} {token}" if self.config.token_scheme else token
+        # h11 refuses CR, LF, NUL and edge whitespace in header values; such a
+        # "token" is no credential and is not forwarded.
+        if value != value.strip() or any(c in value for c in "\r\n\x00"):
+            return None
+        return value.encode("utf-8")
+
+    def _key(self, sent: Sequence[Header], uri: str) -> bytes:
+        mac = hmac.new(self._secret, digestmod=hashlib.sha256)
+        for name, value in sent:
+            # Length-prefixed, so ("a", "bc") and ("ab", "c") can't collide.
+            for part in (name.lower(), value):
+                mac.update(len(part).to_bytes(4, "big"))
+                mac.update(part)
+        encoded = uri.encode("utf-8", "replace")
+        mac.update(len(encoded).to_bytes(4, "big"))
+        mac.update(encoded)
+        return mac.digest()
+
+    # -- deciding ---------------------------------------------------------------------
+
+    async def decide(self, credential: Credential, *, fresh: bool = False) -> AuthDecision:
+        """The decision for `credential`: cached, joined to an ask in flight, or asked.
+
+        `fresh` skips the cache (revalidation) but still joins an ask in flight.
+        """
+        key = credential.key
+        if not fresh:
+            cached = self._cache.get(key)
+            if cached is not None and cached[0] > self.clock():
+                self.stats.cache_hits += 1
+                return cached[1]
+        task = self._asking.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._ask(credential))
+            self._asking[key] = task
+            task.add_done_callback(lambda done: self._asked(key, done))
+        # Shielded: one client leaving must not cancel the answer others wait for.
+        return await asyncio.shield(task)
+
+    def _asked(self, key: bytes, task: asyncio.Task[AuthDecision]) -> None:
+        self._asking.pop(key, None)
+        if task.cancelled() or task.exception() is not None:
+            return
+        decision = task.result()
+        if decision.admitted:
+            self.stats.admitted += 1
+        elif decision.cacheable:
+            self.stats.denied += 1
+        else:
+            self.stats.unavailable += 1
+        if decision.cacheable and self.config.cache > 0:
+            self._cache.pop(key, None)
+            while len(self._cache) >= MAX_CACHED_DECISIONS:
+                del self._cache[next(iter(self._cache))]  # the oldest entry
+            self._cache[key] = (self.clock() + self.config.cache, decision)
+
+    async def _ask(self, credential: Credential) -> AuthDecision:
+        self.stats.asks += 1
+        request_id = new_request_id()
+        timeout = self.config.timeout
+        try:
+            async with asyncio.timeout(timeout):
+                decision = await self._ask_once(credential, request_id)
+        except TimeoutError:
+            reason = f"no answer within {timeout:g}s"
+        except (OSError, OriginProtocolError) as exc:
+            reason = _describe(exc)
+        else:
+            log.debug(
+                "route=%s auth request=%s credential=%s -> %d",
+                self.route,
+                request_id,
+                credential.fingerprint,
+                decision.status,
+            )
+            if decision.admitted or decision.cacheable:
+                return decision
+            reason = f"status {decision.status}"
+        log.warning(
+            "route=%s auth request=%s to %s failed: %s (clients get 503)",
+            self.route,
+            request_id,
+            self.pool.origin,
+            reason,
+        )
+        return UNAVAILABLE
+
+    async def _ask_once(self, credential: Credential, request_id: str) -> AuthDecision:
+        headers: list[Header] = [
+            (b"Host", self.pool.origin.host_header.encode("ascii")),
+            (b"User-Agent", USER_AGENT),
+            # Bodies are passed on as they are: no compression to undo.
+            (b"Accept-Encoding", b"identity"),
+            (b"X-Request-ID", request_id.encode("ascii")),
+            *credential.headers,
+        ]
+        request = h11.Request(method="GET", target=self._target, headers=headers)
+        for attempt in (1, 2):
+            connection = await self.pool.acquire(fresh=attempt > 1)
+            try:
+                connection.write(request)
+                connection.write(h11.EndOfMessage())
+                return await self._read_decision(connection)
+            except OriginClosed as closed:
+                # RFC 9112 §9.3.1: a GET on a keep-alive connection the auth
+                # endpoint closed meanwhile is safe to send again, once.
+                if attempt == 1 and closed.early and connection.reused:
+                    continue
+                raise
+            finally:
+                self.pool.release(connection)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read_decision(self, connection: OriginConnection) -> AuthDecision:
+        while True:
+            event = await connection.receive()
+            if isinstance(event, h11.Response):
+                break
+            if not isinstance(event, h11.InformationalResponse):
+                raise OriginProtocolError(f"{type(event).__name__} before a response")
+        status = event.status_code
+        body = bytearray()
+        while len(body) <= MAX_AUTH_BODY:
+            part = await connection.receive()
+            if isinstance(part, h11.Data):
+                body += part.data
+            elif isinstance(part, h11.EndOfMessage):
+                break
+            else:
+                raise OriginProtocolError(f"{type(part).__name__} in the body")
+        if status not in _ADMIT_OR_DENY:
+            return AuthDecision(status)  # admitted (2xx), or a failure: no body to pass on
+        headers = event.headers.raw_items()
+        passed_on = tuple(
+            (b"www-authenticate", v) for v in header_values(headers, b"www-authenticate")
+        )
+        if len(body) > MAX_AUTH_BODY:
+            reason = f"{status} {HTTPStatus(status).phrase}\n".encode()
+            return AuthDecision(status, passed_on, reason)
+        content_type = header_values(headers, b"content-type")
+        return AuthDecision(
+            status,
+            passed_on,
+            bytes(body),
+            content_type[0] if content_type else b"text/plain; charset=utf-8",
+        )
+
+    # -- revalidation ---------------------------------------------------------------------
+
+    def watch(self, credential: Credential, end: Callable[[], None]) -> Callable[[], None]:
+        """Call `end` if `credential` stops being admitted; returns the unwatch function."""
+        watched = self._watched.get(credential.key)
+        if watched is None:
+            watched = self._watched[credential.key] = _Watched(credential)
+        watched.ends.add(end)
+
+        def unwatch() -> None:
+            entry = self._watched.get(credential.key)
+            if entry is not None:
+                entry.ends.discard(end)
+                if not entry.ends:
+                    del self._watched[credential.key]
+
+        return unwatch
+
+    @property
+    def watched_credentials(self) -> int:
+        return len(self._watched)
+
+    def start(self) -> None:
+        if self.config.revalidate is not None and not self._closed:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        assert self.config.revalidate is not None
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.config.revalidate, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._closed:
+            return
+        if not self._watched:
+            self._schedule()
+            return
+        task = asyncio.get_running_loop().create_task(self._revalidate())
+        self._revalidation = task
+        task.add_done_callback(self._revalidated)
+
+    def _revalidated(self, task: asyncio.Task[None]) -> None:
+        self._revalidation = None
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("route=%s auth revalidation failed", self.route, exc_info=exc)
+        if not self._closed:
+            self._schedule()
+
+    async def _revalidate(self) -> None:
+        """Re-ask once per distinct credential; end the streams of those refused now."""
+        limit = asyncio.Semaphore(REVALIDATE_CONCURRENCY)
+
+        async def recheck(key: bytes, watched: _Watched) -> None:
+            async with limit:
+                decision = await self.decide(watched.credential, fresh=True)
+            if decision.status not in _ADMIT_OR_DENY:
+                # Admitted, or the auth endpoint is down: streams already
+                # admitted stay (ending them all on an outage would be a storm).
+                return
+            entry = self._watched.pop(key, None)
+            if entry is None:
+                return
+            log.info(
+                "route=%s credential=%s no longer admitted (%d): ending %d stream(s)",
+                self.route,
+                watched.credential.fingerprint,
+                decision.status,
+                len(entry.ends),
+            )
+            self.stats.revoked += len(entry.ends)
+            for end in list(entry.ends):
+                end()
+
+        async with asyncio.TaskGroup() as group:
+            for key, watched in list(self._watched.items()):
+                group.create_task(recheck(key, watched))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._revalidation is not None:
+            self._revalidation.cancel()
+        for task in list(self._asking.values()):
+            task.cancel()
+        self.pool.close()
+
+
+def forward_auths(config: Config) -> dict[str, ForwardAuth]:
+    """A ForwardAuth per route that has `auth`, sharing a pool per auth origin."""
+    trusted = TrustedProxies(config.trusted_proxies)
+    pools: dict[Origin, ConnectionPool] = {}
+    auths: dict[str, ForwardAuth] = {}
+    for route in config.routes:
+        if route.auth is None:
+            continue
+        origin = Origin.from_url(route.auth.url)
+        pool = pools.get(origin)
+        if pool is None:
+            pool = pools[origin] = ConnectionPool(
+                origin,
+                size=AUTH_POOL_SIZE,
+                idle_timeout=config.proxy.pool_idle_timeout,
+                connect_timeout=route.auth.timeout,
+            )
+        auths[route.path] = ForwardAuth(route.path, route.auth, pool, trusted=trusted)
+    return auths
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

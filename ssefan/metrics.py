@@ -1,0 +1,280 @@
+"""Prometheus text exposition, rendered from plain counters only when scraped.
+
+The hot path bumps ints on `ChannelStats`, `Upstream` and `Server`; nothing
+here runs per event. `collect()` turns them into `Family` values, `render()`
+writes the text format (version 0.0.4, what every Prometheus scrapes), and the
+JSON form lets a supervisor gather its workers' families and label each with
+`worker` (see `merge`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .channel import Channel, DisconnectReason
+from .upstream import Upstream, UpstreamState
+
+__all__ = [
+    "CONTENT_TYPE",
+    "Family",
+    "ProcessInfo",
+    "collect",
+    "from_json",
+    "merge",
+    "render",
+    "status",
+    "to_json",
+]
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+Labels = dict[str, str]
+
+
+@dataclass(slots=True)
+class Family:
+    name: str  # as it appears in samples: counters end in _total
+    kind: Literal["counter", "gauge"]
+    help: str
+    samples: list[tuple[Labels, float]] = field(default_factory=list)
+
+    def add(self, labels: Labels, value: float) -> None:
+        self.samples.append((labels, value))
+
+
+@dataclass(slots=True)
+class ProcessInfo:
+    """Process-wide values that live outside the channels."""
+
+    version: str
+    started_at: float  # unix time
+    ready: bool
+    refused: Mapping[int, int]  # Server.refused: refusals by HTTP status
+    connections: int  # open client connections, streams or not
+    reloads: Mapping[str, int]  # "ok" / "failed"
+
+
+def collect(
+    channels: Mapping[str, Channel],
+    upstreams: Mapping[str, Upstream],
+    process: ProcessInfo,
+) -> list[Family]:
+    """Every metric of one process, read from its counters at this moment."""
+    f = _Families()
+    f.gauge("ssefan_info", "Build information (value 1).").add({"version": process.version}, 1)
+    f.gauge("ssefan_start_time_seconds", "Unix time the process started.").add(
+        {}, process.started_at
+    )
+    f.gauge("ssefan_ready", "1 while listening and every eager upstream streams.").add(
+        {}, int(process.ready)
+    )
+    f.gauge("ssefan_connections", "Open client connections (streams and others).").add(
+        {}, process.connections
+    )
+    refused = f.counter("ssefan_refused_total", "Requests refused, by HTTP status.")
+    for status, count in sorted(process.refused.items()):
+        refused.add({"status": str(status)}, count)
+    reloads = f.counter("ssefan_reloads_total", "Config reloads (SIGHUP), by result.")
+    for result in ("ok", "failed"):
+        reloads.add({"result": result}, process.reloads.get(result, 0))
+    for path, channel in channels.items():
+        _route(f, path, channel, upstreams.get(path))
+    return f.families()
+
+
+def _route(f: _Families, path: str, channel: Channel, upstream: Upstream | None) -> None:
+    route = {"route": path}
+    stats, ring = channel.stats, channel.ring
+    f.gauge("ssefan_clients", "Client streams connected now.").add(route, channel.client_count)
+    f.counter("ssefan_connects_total", "Client streams opened.").add(route, stats.connects)
+    disconnects = f.counter(
+        "ssefan_disconnects_total",
+        "Client streams ended, by reason (client_closed, slow, evicted, drain,"
+        " upstream_stopped, error).",
+    )
+    for reason in DisconnectReason:
+        disconnects.add({**route, "reason": reason.value}, stats.disconnects[reason])
+    f.counter("ssefan_events_received_total", "Events taken from the upstream.").add(
+        route, stats.events_received
+    )
+    f.counter("ssefan_events_delivered_total", "Events written to clients (sum).").add(
+        route, stats.events_delivered
+    )
+    f.counter("ssefan_bytes_out_total", "Stream body bytes written to clients.").add(
+        route, stats.bytes_out
+    )
+    replays = f.counter(
+        "ssefan_replays_total",
+        "Reconnects with Last-Event-ID: hit (resumed exactly), miss (unknown id),"
+        " gap (id already evicted).",
+    )
+    replays.add({**route, "result": "hit"}, stats.replay_hits)
+    replays.add({**route, "result": "miss"}, stats.replay_misses)
+    replays.add({**route, "result": "gap"}, stats.replay_gaps)
+    f.counter("ssefan_duplicates_dropped_total", "Upstream replays already held.").add(
+        route, stats.duplicates_dropped
+    )
+    f.counter("ssefan_overflows_total", "Upstream events dropped for their size.").add(
+        route, stats.overflows
+    )
+    f.counter("ssefan_heartbeats_total", "Heartbeats sent (one per channel tick).").add(
+        route, stats.heartbeats
+    )
+    now = channel.clock()
+    held = len(ring)
+    f.gauge("ssefan_ring_events", "Events held for replay.").add(route, held)
+    f.gauge("ssefan_ring_bytes", "Encoded bytes held for replay.").add(route, ring.held_bytes)
+    oldest = now - ring.time_at(ring.first_seq) if held else 0.0
+    f.gauge("ssefan_ring_oldest_age_seconds", "Age of the oldest event held.").add(route, oldest)
+    if held:
+        # The newest ring entry is the last thing the upstream sent (the ring
+        # always keeps it), unlike channel.last_event_at which heartbeats move.
+        f.gauge(
+            "ssefan_upstream_last_event_age_seconds", "Seconds since the upstream's last event."
+        ).add(route, now - ring.time_at(ring.next_seq - 1))
+    if upstream is None:
+        return
+    states = f.gauge("ssefan_upstream_state", "The upstream's state (1 for the current one).")
+    for state in UpstreamState:
+        states.add({**route, "state": state.value}, int(upstream.state is state))
+    f.counter("ssefan_upstream_connects_total", "Upstream responses that began a stream.").add(
+        route, upstream.connects
+    )
+    f.counter(
+        "ssefan_upstream_failures_total", "Upstream connections that failed (then retried)."
+    ).add(route, upstream.failures)
+
+
+class _Families:
+    """Families by name, in first-use order (the text format groups samples)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Family] = {}
+
+    def counter(self, name: str, help: str) -> Family:
+        return self.family(name, "counter", help)
+
+    def gauge(self, name: str, help: str) -> Family:
+        return self.family(name, "gauge", help)
+
+    def family(self, name: str, kind: Literal["counter", "gauge"], help: str) -> Family:
+        family = self._by_name.get(name)
+        if family is None:
+            family = self._by_name[name] = Family(name, kind, help)
+        return family
+
+    def families(self) -> list[Family]:
+        return list(self._by_name.values())
+
+
+def merge(
+    per_worker: Iterable[tuple[str, list[Family]]], extra: Iterable[Family] = ()
+) -> list[Family]:
+    """One family list from many workers', each sample labelled worker="<n>".
+
+    Kept per worker rather than summed: a restarted worker's counters start at
+    0 again, which Prometheus' rate() handles per series; a sum would drop and
+    read as a reset of every worker at once. `sum without (worker)` in a query
+    gives the total.
+    """
+    merged = _Families()
+    for worker, families in per_worker:
+        for family in families:
+            target = merged.family(family.name, family.kind, family.help)
+            for labels, value in family.samples:
+                target.add({**labels, "worker": worker}, value)
+    for family in extra:
+        target = merged.family(family.name, family.kind, family.help)
+        target.samples.extend(family.samples)
+    return merged.families()
+
+
+def render(families: Iterable[Family]) -> bytes:
+    """The Prometheus text format (0.0.4)."""
+    lines: list[str] = []
+    for family in families:
+        lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
+        lines.append(f"# TYPE {family.name} {family.kind}")
+        for labels, value in family.samples:
+            lines.append(f"{family.name}{_labels(labels)} {_number(value)}")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def _labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items())
+    return "{" + inner + "}"
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", r"\\").replace("\n", r"\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer()):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def to_json(families: Iterable[Family]) -> bytes:
+    data = [
+        {"name": f.name, "kind": f.kind, "help": f.help, "samples": f.samples} for f in families
+    ]
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+def from_json(data: bytes) -> list[Family]:
+    families: list[Family] = []
+    for item in json.loads(data):
+        kind: Literal["counter", "gauge"] = "counter" if item["kind"] == "counter" else "gauge"
+        samples = [(dict(labels), float(value)) for labels, value in item["samples"]]
+        families.append(Family(str(item["name"]), kind, str(item["help"]), samples))
+    return families
+
+
+def status(families: Iterable[Family]) -> dict[str, object]:
+    """What the live status page shows: per route clients, events received and
+    upstream states, summed (or listed) over workers."""
+    clients: dict[str, int] = {}
+    events: dict[str, int] = {}
+    states: dict[str, list[str]] = {}
+    connections = 0
+    for family in families:
+        for labels, value in family.samples:
+            route = labels.get("route", "")
+            if family.name == "ssefan_clients":
+                clients[route] = clients.get(route, 0) + int(value)
+            elif family.name == "ssefan_events_received_total":
+                events[route] = events.get(route, 0) + int(value)
+            elif family.name == "ssefan_upstream_state" and value:
+                states.setdefault(route, []).append(labels["state"])
+            elif family.name == "ssefan_connections":
+                connections += int(value)
+    return {
+        "time": time.time(),
+        "clients": sum(clients.values()),
+        "connections": connections,
+        "routes": [
+            {
+                "route": route,
+                "clients": count,
+                "events": events.get(route, 0),
+                "upstream": sorted(states.get(route, [])),
+            }
+            for route, count in clients.items()
+        ],
+    }

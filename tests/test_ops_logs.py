@@ -1,0 +1,136 @@
+"""Log lines: key=value or JSON, one line per record, never a credential."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from harness import FakeUpstream, route_config, wait_until, write_config
+from opsharness import CommandProcess, serve_args
+
+from ssefan.config import parse_config
+from ssefan.logs import JsonFormatter, KeyValueFormatter, Redactor, config_secrets
+
+
+def record(
+    msg: str, *args: object, level: int = logging.INFO, **extra: object
+) -> logging.LogRecord:
+    rec = logging.LogRecord("ssefan.test", level, __file__, 1, msg, args, None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+@pytest.mark.parametrize(
+    ("msg", "expected_msg"),
+    [
+        pytest.param("plain", "msg=plain", id="bare"),
+        pytest.param("two words", 'msg="two words"', id="spaces-quoted"),
+        pytest.param('say "hi"', r'msg="say \"hi\""', id="quotes-escaped"),
+        pytest.param("line\nbreak", r'msg="line\nbreak"', id="one-line"),
+        pytest.param("", 'msg=""', id="empty"),
+    ],
+)
+def test_key_value_line(msg: str, expected_msg: str) -> None:
+    line = KeyValueFormatter().format(record(msg))
+    assert "\n" not in line
+    ts, level, logger, rest = line.split(" ", 3)
+    assert ts.startswith("ts=") and ts.endswith("Z")
+    assert (level, logger, rest) == ("level=info", "logger=ssefan.test", expected_msg)
+
+
+def test_json_line_with_fields_and_exception() -> None:
+    formatter = JsonFormatter(fields={"worker": "1"})
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = record("route=%s failed", "/events", level=logging.ERROR, peer="127.0.0.1:5")
+        rec.exc_info = sys.exc_info()
+    line = formatter.format(rec)
+    assert "\n" not in line
+    item = json.loads(line)
+    assert item["level"] == "error" and item["worker"] == "1" and item["peer"] == "127.0.0.1:5"
+    assert item["msg"] == "route=/events failed"
+    assert "ValueError: boom" in item["exc"]
+
+
+def test_journald_gets_a_priority_and_no_timestamp() -> None:
+    line = KeyValueFormatter(journald=True).format(record("careful", level=logging.WARNING))
+    assert line == "<4>level=warning logger=ssefan.test msg=careful"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "upstream=http://u:p4ss@app:8000/e failed",
+            "upstream=http://***@app:8000/e failed",
+            id="userinfo",
+        ),
+        pytest.param(
+            "url=http://app/e?x=1&access_token=abc123&y=2 (routes)",
+            "url=http://app/e?x=1&access_token=***&y=2 (routes)",
+            id="token-param",
+        ),
+        pytest.param("http://app/e?api_key=K9z)", "http://app/e?api_key=***)", id="api-key"),
+        pytest.param(
+            "Authorization: Bearer eyJhbGciOi.x.y", "Authorization: Bearer ***", id="bearer"
+        ),
+        pytest.param("retry in 1.5s (attempt 2)", "retry in 1.5s (attempt 2)", id="harmless"),
+    ],
+)
+def test_redactor_patterns(text: str, expected: str) -> None:
+    assert Redactor()(text) == expected
+
+
+def test_redactor_knows_the_configs_secrets() -> None:
+    config = parse_config(
+        "listen: 127.0.0.1:0\nroutes:\n  - path: /e\n    upstream:\n"
+        "      url: http://127.0.0.1:1/e\n"
+        "      headers: {Authorization: 'Token s3cr3t-value', X-Api-Key: k-123456, X-Trace: 'on'}\n"
+    )
+    redact = Redactor()
+    redact.add(config_secrets(config))
+    assert redact("got s3cr3t-value and k-123456; trace on") == "got *** and ***; trace on"
+
+
+def test_no_credential_in_any_line(upstream: FakeUpstream, tmp_path: Path) -> None:
+    upstream.status = 401  # failing connects: the upstream URL gets logged
+    config = route_config(upstream)
+    config["routes"][0]["upstream"] = {  # type: ignore[index]
+        "url": upstream.url + "?token=tok-in-url-42",
+        "headers": {"Authorization": "Bearer hdr-secret-77", "X-Api-Key": "key-secret-99"},
+        "backoff_base": "50ms",
+        "backoff_max": "100ms",
+    }
+    path = write_config(tmp_path / "s.yaml", config)
+    proc = CommandProcess(path, serve_args(path, "--log-format", "json")).start()
+    try:
+        wait_until(lambda: proc.log_text().count("failed: status 401") >= 2, what="failures")
+    finally:
+        proc.stop()
+    assert upstream.requests[0].headers["authorization"] == "Bearer hdr-secret-77"
+    text = proc.log_text()
+    for secret in ("tok-in-url-42", "hdr-secret-77", "key-secret-99"):
+        assert secret not in text
+    items = [json.loads(line) for line in proc.lines]  # every line is one JSON object
+    assert any("token=***" in item["msg"] for item in items)
+
+
+def test_journald_stream_is_detected(upstream: FakeUpstream, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "s.yaml", route_config(upstream))
+    log_path = tmp_path / "journal"
+    with log_path.open("w") as journal:
+        st = os.fstat(journal.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        proc = CommandProcess(path, serve_args(path), env=env, stderr_to=journal.fileno())
+        proc.start()
+        try:
+            wait_until(lambda: "listening on" in log_path.read_text(), what="the first line")
+        finally:
+            proc.stop()
+    first = log_path.read_text().splitlines()[0]
+    assert first.startswith("<6>level=info logger=ssefan msg=") and "ts=" not in first
