@@ -64,6 +64,8 @@ class DisconnectReason(enum.StrEnum):
     EVICTED = "evicted"  # its cursor fell off the ring's tail
     UPSTREAM_STOPPED = "upstream_stopped"  # the app answered 204
     DRAIN = "drain"  # shutdown or route removed
+    REVOKED = "revoked"  # forward-auth no longer admits its credential
+    LIMIT = "limit"  # refused at connect: the route's or the global max_clients
     ERROR = "error"
 
 

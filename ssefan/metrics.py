@@ -95,7 +95,7 @@ def _route(f: _Families, path: str, channel: Channel, upstream: Upstream | None)
     disconnects = f.counter(
         "ssefan_disconnects_total",
         "Client streams ended, by reason (client_closed, slow, evicted, drain,"
-        " upstream_stopped, error).",
+        " upstream_stopped, revoked, error; limit = refused for max_clients).",
     )
     for reason in DisconnectReason:
         disconnects.add({**route, "reason": reason.value}, stats.disconnects[reason])

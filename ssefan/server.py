@@ -362,7 +362,7 @@ class HTTPConnection(asyncio.Protocol):
     def _credential_revoked(self) -> None:
         """Forward-auth no longer admits this stream's credential: end it cleanly."""
         if self.subscriber is not None and self.channel is not None:
-            self.channel.end_stream(self.subscriber, DisconnectReason.ERROR)
+            self.channel.end_stream(self.subscriber, DisconnectReason.REVOKED)
 
     def _refused(self, channel: Channel, cors_headers: list[tuple[bytes, bytes]]) -> bool:
         """Answer (and return True) if the route can't take a stream now."""
@@ -373,6 +373,8 @@ class HTTPConnection(asyncio.Protocol):
             return True
         if self._over_capacity(channel):
             self.server.count_refusal(503)
+            # Refused at the door: counted per route with the stream endings, as "limit".
+            channel.stats.disconnects[DisconnectReason.LIMIT] += 1
             self.respond(
                 503,
                 f"503 too many clients on {route.path}, retry in {RETRY_AFTER_SECONDS}s\n",

@@ -71,6 +71,7 @@ def test_metrics_match_what_happened(upstream: FakeUpstream, tmp_path: Path) -> 
         assert value(m, "ssefan_replays_total", **route, result="gap") == 0
         assert value(m, "ssefan_disconnects_total", **route, reason="slow") == 0
         assert value(m, "ssefan_refused_total", status="503") == 1
+        assert value(m, "ssefan_disconnects_total", **route, reason="limit") == 1
         assert value(m, "ssefan_ring_events", **route) == 4
         assert value(m, "ssefan_ring_bytes", **route) > 4 * len("data: e1\n\n")
         assert 0 <= value(m, "ssefan_upstream_last_event_age_seconds", **route) < DEFAULT_TIMEOUT
