@@ -127,6 +127,28 @@ def _head_size(request: h11.Request) -> int:
 class HTTPConnection(asyncio.Protocol):
     """One client connection: ordinary requests, or one stream until it ends."""
 
+    # Slots: an idle stream costs this object plus a transport, thousands of times.
+    __slots__ = (
+        "_closing",
+        "_gate",
+        "_head_only",
+        "_inbox",
+        "_lost",
+        "_switched",
+        "_task",
+        "_timer",
+        "_unwatch",
+        "channel",
+        "config",
+        "conn",
+        "peer",
+        "peer_ip",
+        "scheme",
+        "server",
+        "subscriber",
+        "transport",
+    )
+
     def __init__(self, server: Server) -> None:
         self.server = server
         self.config = server.config
@@ -410,6 +432,11 @@ class HTTPConnection(asyncio.Protocol):
         subscriber.send(opening)
         self.subscriber, self.channel = subscriber, channel
         self.server.streams += 1
+        # A stream never parses or frames through h11 again (every path that
+        # would is behind `subscriber is None`); its parser state is ~2 KB that
+        # an idle stream would otherwise carry. Deleting it, rather than
+        # sharing a placeholder, makes any stray use fail loudly.
+        del self.conn
         channel.subscribe(subscriber, self._last_event_id(request, query))
 
     def _over_capacity(self, channel: Channel) -> bool:
