@@ -29,7 +29,16 @@ from typing import Protocol
 
 from .config import RouteConfig
 from .ring import Ring
-from .sse import Event, IdOnly, Overflow, encode, encode_comment, encode_id, encode_retry
+from .sse import (
+    Event,
+    IdOnly,
+    Overflow,
+    encode,
+    encode_comment,
+    encode_id,
+    encode_retry,
+    resumable_id,
+)
 
 __all__ = [
     "GAP_EVENT",
@@ -145,10 +154,6 @@ def _reset_on_close(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def frame_chunk(payload: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(payload), payload)
-
-
 class Channel:
     """The shared state of one route."""
 
@@ -169,6 +174,8 @@ class Channel:
         self.source: Source | None = None
         # True after the app answered 204: streams end and new clients get 204.
         self.stopped_by_upstream = False
+        # True once close() ran (shutdown, or the route was removed by a reload).
+        self.closed = False
         # The last id the *upstream* gave, sent back as Last-Event-ID on reconnect.
         self.upstream_last_id = ""
         self.last_event_at = clock()
@@ -197,6 +204,7 @@ class Channel:
 
     def close(self, reason: DisconnectReason = DisconnectReason.DRAIN) -> None:
         """Stop the source and timers and end every stream."""
+        self.closed = True
         self._stop_source()
         for handle in (self._heartbeat_handle, self._linger_handle):
             if handle is not None:
@@ -307,45 +315,64 @@ class Channel:
     def publish(self, items: Iterable[Event | IdOnly | Overflow]) -> None:
         """Append one upstream read's worth of events and fan them out."""
         ring = self.ring
-        start = ring.next_seq
         now = self.clock()
+        # The batch is fanned out from this list, not read back from the ring:
+        # a batch larger than the ring would have evicted its own first events.
+        batch: list[bytes] = []
         for item in items:
             if isinstance(item, Overflow):
-                self.stats.overflows += 1
-                log.warning(
-                    "route=%s upstream sent an over-long %s (%d bytes): event dropped",
-                    self.route.path,
-                    item.kind,
-                    item.size,
-                )
+                self._count_overflow(item)
                 continue
             upstream_id = item.id
             if upstream_id is not None:
                 self.upstream_last_id = upstream_id
             if upstream_id:
                 # After a reconnect the app may replay what we sent it as
-                # Last-Event-ID and beyond: skip what the ring already holds,
-                # until the first event it doesn't.
-                if self._dedupe and ring.seq_of(upstream_id) is not None:
+                # Last-Event-ID and beyond: skip what the ring holds or held,
+                # until the first id it has never seen.
+                if self._dedupe and (
+                    ring.seq_of(upstream_id) is not None or ring.was_evicted(upstream_id)
+                ):
                     self.stats.duplicates_dropped += 1
                     continue
                 self._dedupe = False
+            # An id that can't travel back as a Last-Event-ID header (leading
+            # space, VT, FF) could never be resumed from: clients get ours.
+            resumable = upstream_id is not None and resumable_id(upstream_id)
             if isinstance(item, IdOnly):
-                if upstream_id:  # an id-only block still moves the resume point
-                    ring.append(upstream_id, encode_id(upstream_id), now)
+                if resumable:  # an id-only block still moves the resume point
+                    encoded = encode_id(item.id)
+                    ring.append(item.id, encoded, now)
+                    batch.append(encoded)
                 continue
             self._dedupe = False
-            event_id = upstream_id or f"{self._id_prefix}{ring.next_seq}"
+            event_id = upstream_id if resumable and upstream_id else self._assign_id()
             encoded = encode(Event(item.data, event=item.event, id=event_id))
             ring.append(event_id, encoded, now)
-        added = ring.next_seq - start
-        if not added:
+            batch.append(encoded)
+        if not batch:
             return
-        self.stats.events_received += added
+        self.stats.events_received += len(batch)
         self.last_event_at = now
-        self._fan_out(ring.join(start, ring.next_seq), added)
+        self._fan_out(batch[0] if len(batch) == 1 else b"".join(batch), len(batch))
         if self._lagging:
             self._police_laggards()
+
+    def _assign_id(self) -> str:
+        return f"{self._id_prefix}{self.ring.next_seq}"
+
+    def _count_overflow(self, item: Overflow) -> None:
+        self.stats.overflows += 1
+        setting = "max_line_bytes" if item.kind == "line" else "max_event_bytes"
+        log.warning(
+            "route=%s upstream sent an %s over the %s limit (%d bytes): event dropped; "
+            "raise routes[].upstream.%s if such events are legitimate",
+            self.route.path,
+            "event" if item.kind == "event" else "line",
+            setting,
+            item.size,
+            setting,
+        )
 
     def _fan_out(self, payload: bytes, events: int) -> None:
         # The hot loop: same bytes object to everyone, nothing per client but
@@ -383,6 +410,11 @@ class Channel:
         Computing the replay start and joining the live set happen in this one
         synchronous call: no event can slip between replay and live.
         """
+        if self.closed:
+            # The route went away (reload) between the request and now: end
+            # the stream at once; the client reconnects to the current config.
+            self.end_stream(sub, DisconnectReason.DRAIN)
+            return
         self.stats.connects += 1
         if self._linger_handle is not None:
             self._linger_handle.cancel()
@@ -488,7 +520,18 @@ class Channel:
         self._lagging.discard(sub)
         self.stats.disconnects[reason] += 1
         if reason in (DisconnectReason.SLOW, DisconnectReason.EVICTED):
-            log.info("route=%s client cut off: %s", self.route.path, reason)
+            why = (
+                f"more than max_client_lag_bytes={self.route.max_client_lag_bytes} behind"
+                if reason is DisconnectReason.SLOW
+                else f"fell off the ring (buffer={self.route.buffer})"
+            )
+            # Info, not warning: one slow phone is normal; many show in metrics.
+            log.info(
+                "route=%s client cut off: %s (%s); it resumes by reconnecting",
+                self.route.path,
+                reason,
+                why,
+            )
         if close:
             if abort:
                 _reset_on_close(sub.transport)

@@ -65,6 +65,7 @@ __all__ = [
     "encode_comment",
     "encode_id",
     "encode_retry",
+    "resumable_id",
 ]
 
 _KiB: Final = 1024
@@ -518,3 +519,16 @@ def encode_retry(ms: int) -> bytes:
     """
     _check_retry(ms, "retry")
     return b"retry: %d\n\n" % ms
+
+
+def resumable_id(value: str) -> bool:
+    """Can `value` travel back as a `Last-Event-ID` header and still match?
+
+    WHATWG HTML §9.2.4 sends the last event ID verbatim on reconnect, but HTTP
+    (RFC 9110 §5.5) strips leading/trailing whitespace from field values and
+    h11 refuses NUL, VT and FF in them: such an id is legal SSE yet a client
+    could never resume from it.
+    """
+    if not value or value != value.strip(" \t"):
+        return False
+    return not any(c in value for c in "\x00\x0b\x0c\r\n")

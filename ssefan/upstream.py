@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import h11
 
 from .config import UpstreamConfig
-from .sse import Event, IdOnly, Overflow, Parser
+from .sse import Event, IdOnly, Overflow, Parser, resumable_id
 
 __all__ = ["Upstream", "UpstreamState", "UpstreamTarget"]
 
@@ -91,14 +91,6 @@ def _is_event_stream(content_type: bytes) -> bool:
     # WHATWG: compare the MIME type's essence; parameters and a trailing ';' are fine.
     essence = content_type.split(b";", 1)[0].strip().lower()
     return essence == b"text/event-stream"
-
-
-def _header_safe(value: str) -> bool:
-    # h11 refuses leading/trailing whitespace, NUL, VT, FF in header values; such
-    # an SSE id is legal but can't travel as Last-Event-ID (pitfall P5).
-    if not value or value != value.strip(" \t"):
-        return False
-    return not any(c in value for c in "\x00\x0b\x0c\r\n")
 
 
 class Upstream:
@@ -186,6 +178,15 @@ class Upstream:
                     attempt + 1,
                 )
                 stop = False
+            except Exception as exc:
+                # A bug (ours, in parsing or fan-out), not the app's fault. The
+                # route must not die silently while /readyz stays green: log it
+                # loudly, count it, and carry on through the backoff like any
+                # other failure.
+                self.failures += 1
+                self.last_error = f"internal error: {type(exc).__name__}: {exc}"
+                log.exception("route=%s upstream=%s internal error", self.route, self.config.url)
+                stop = False
             if stop:
                 log.warning(
                     "route=%s upstream=%s answered 204: streams end, no reconnect "
@@ -244,7 +245,7 @@ class Upstream:
             (name.encode("ascii"), value.encode("utf-8")) for name, value in self.config.headers
         ]
         last_id = self.sink.upstream_last_id
-        if _header_safe(last_id):
+        if resumable_id(last_id):
             headers.append((b"Last-Event-ID", last_id.encode("utf-8")))
         return headers
 

@@ -490,3 +490,60 @@ def test_heartbeat_is_one_shared_write_to_live_subscribers(
         else:
             pings = [(e.event, e.data, e.id) for e in decoded.events]
             assert len(pings) >= 2 and set(pings) == {expected_ping}
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        pytest.param({"buffer": 3}, id="batch-over-count-bound"),
+        pytest.param({"buffer_bytes": 40}, id="batch-over-byte-bound"),
+    ],
+)
+def test_a_batch_larger_than_the_ring_reaches_live_clients_whole(
+    loop: asyncio.AbstractEventLoop, keys: dict[str, object]
+) -> None:
+    channel = make_channel(loop, **keys)
+    client = Client(channel)
+    channel.subscribe(client.sub, None)
+    channel.publish(events(range(1, 6)))  # one upstream read, bigger than the ring
+    assert client.ids() == strs(range(1, 6))
+    assert channel.ring.newest_id == "5"
+
+
+def test_upstream_replay_of_evicted_ids_is_dropped_too(loop: asyncio.AbstractEventLoop) -> None:
+    channel = make_channel(loop, buffer=3)
+    channel.publish(events(range(1, 6)))  # the ring holds 3..5; 1..2 were evicted
+    client = Client(channel)
+    channel.subscribe(client.sub, None)
+    channel.upstream_connected()
+    channel.publish(events(range(2, 8)))  # the app replays from 2
+    assert client.ids() == strs([6, 7])
+    assert channel.stats.duplicates_dropped == 4
+
+
+@pytest.mark.parametrize(
+    "upstream_id", [" 42", "42 ", "a\x0bb", "a\x0cb"], ids=["lead", "trail", "vt", "ff"]
+)
+def test_ids_that_cannot_come_back_as_a_header_are_replaced(
+    loop: asyncio.AbstractEventLoop, upstream_id: str
+) -> None:
+    channel = make_channel(loop)
+    client = Client(channel)
+    channel.subscribe(client.sub, None)
+    channel.publish([Event("x", id=upstream_id)])
+    (got,) = client.ids()
+    assert got is not None and got != upstream_id and got.strip() == got
+    assert channel.upstream_last_id == upstream_id  # still what the app is told
+
+
+def test_a_closed_channel_ends_a_late_subscriber_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    channel = make_channel(loop)
+    channel.close()
+    client = Client(channel)
+    channel.subscribe(client.sub, None)
+    assert client.reasons == [DisconnectReason.DRAIN]
+    assert channel.client_count == 0
+    assert channel.stats.connects == 0

@@ -863,3 +863,23 @@ def _spec_oracle(body: bytes) -> tuple[list[Item], str, int | None]:
 @given(body=bodies)
 def test_parser_agrees_with_a_naive_spec_transcription(body: bytes) -> None:
     assert _outcome([body]) == _spec_oracle(body)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param("42", True, id="plain"),
+        pytest.param("a b", True, id="inner-space"),
+        pytest.param("…", True, id="utf8"),
+        pytest.param("", False, id="empty"),
+        pytest.param(" 42", False, id="leading-space"),
+        pytest.param("42\t", False, id="trailing-tab"),
+        pytest.param("a\x0bb", False, id="vt"),
+        pytest.param("a\x0cb", False, id="ff"),
+        pytest.param("a\x00b", False, id="nul"),
+    ],
+)
+def test_resumable_id(value: str, expected: bool) -> None:
+    from ssefan.sse import resumable_id
+
+    assert resumable_id(value) is expected

@@ -450,3 +450,59 @@ def test_backoff_is_full_jitter_up_to_the_ceiling(
     assert all(0 <= d <= ceiling for d in delays), max(delays)
     # Uniform over [0, ceiling]: 2000 draws reach both ends (P(miss) ~ 1e-44).
     assert max(delays) > 0.95 * ceiling and min(delays) < 0.05 * ceiling
+
+
+class _FlakySink:
+    """A sink whose first publish raises, as a bug in the fan-out would."""
+
+    def __init__(self) -> None:
+        self.upstream_last_id = ""
+        self.published: list[str] = []
+        self.calls = 0
+
+    def publish(self, items: Iterable[Event | IdOnly | Overflow]) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("boom")
+        for item in items:
+            if isinstance(item, Event):
+                self.published.append(item.data)
+                self.upstream_last_id = item.id or self.upstream_last_id
+
+    def upstream_connected(self) -> None:
+        pass
+
+    def upstream_stopped(self) -> None:
+        raise AssertionError("not a 204")
+
+
+def test_an_internal_error_is_logged_and_the_route_reconnects(
+    upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    sink = _FlakySink()
+    config = UpstreamConfig(url=upstream.url, backoff_base=0.01, backoff_max=0.05)
+
+    async def scenario() -> None:
+        runner = Upstream(config, sink, route="/flaky")
+        runner.start()
+        try:
+            await asyncio.to_thread(upstream.wait_connected)
+            await asyncio.to_thread(upstream.publish, "first", id="1")
+            # The failed publish ends that connection; the route comes back.
+            await asyncio.to_thread(upstream.wait_requests, 2)
+            await asyncio.to_thread(upstream.wait_connected)
+            await asyncio.to_thread(upstream.publish, "second", id="2")
+            deadline = time.monotonic() + 10
+            while "second" not in sink.published:
+                assert time.monotonic() < deadline, sink.published
+                await asyncio.sleep(0.01)
+            assert runner.failures >= 1
+            assert runner.last_error.startswith("internal error: RuntimeError")
+        finally:
+            runner.stop()
+            await runner.wait_stopped()
+
+    asyncio.run(scenario())
+    assert any("internal error" in r.getMessage() for r in caplog.records)
