@@ -22,7 +22,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from http import HTTPStatus
 from importlib import resources
 from typing import Protocol
@@ -42,7 +42,16 @@ MAX_REQUEST_HEAD = 8 * 1024
 # Time to send that head: the same slowloris guard as the client port.
 REQUEST_TIMEOUT = 10.0
 # The status page's update rate: fast enough to look live, cheap to render.
+# One rendering per interval is shared by every open status page.
 STATUS_INTERVAL = 1.0
+# Admin connections open at once; more are answered 503 and closed. A scraper,
+# a supervisor and a few status pages need a handful: 64 leaves plenty while
+# a client holding connections open can't take memory or file descriptors
+# from the streams on the client port.
+MAX_ADMIN_CONNECTIONS = 64
+# Time a response (or one status update) may take to be written: a client
+# that stops reading is cut off instead of holding its connection and buffer.
+WRITE_TIMEOUT = 10.0
 
 
 class AdminSource(Protocol):
@@ -64,6 +73,7 @@ class Admin:
         self.server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._stopping = asyncio.Event()
+        self._status = _StatusFeed(source, self._stopping)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -95,6 +105,16 @@ class Admin:
     # -- one connection ---------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._writers) >= MAX_ADMIN_CONNECTIONS:
+            # Answered without reading the request: nothing of it is buffered.
+            body = b"503 too many admin connections, retry shortly\n"
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%b"
+                % (len(body), body)
+            )
+            writer.close()  # flushes what fits into the socket buffer, then closes
+            return
         self._writers.add(writer)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
@@ -111,7 +131,9 @@ class Admin:
                 status, body, content_type = await self._route(path)
                 await _respond(conn, writer, status, body, content_type, head=request.method)
         except (TimeoutError, ConnectionError, h11.ProtocolError):
-            pass  # a broken admin client concerns nobody else
+            # A broken or stuck admin client concerns nobody else; what it
+            # left unread is dropped, not kept until it reads.
+            writer.transport.abort()
         finally:
             self._writers.discard(writer)
             writer.close()
@@ -143,23 +165,87 @@ class Admin:
         writer.write(
             conn.send(_response(200, headers)) + conn.send(h11.Data(data=encode_comment("")))
         )
-        previous: dict[str, tuple[int, float]] = {}
-        while not self._stopping.is_set():
-            snapshot = metrics.status(await self.source.families())
-            now = time.monotonic()
-            routes = snapshot["routes"]
-            assert isinstance(routes, list)
-            for row in routes:
-                events, before = int(row["events"]), previous.get(row["route"])
-                if before is not None and now > before[1]:
-                    row["rate"] = round((events - before[0]) / (now - before[1]), 2)
-                previous[row["route"]] = (events, now)
-            data = f"data: {json.dumps(snapshot, separators=(',', ':'))}\n\n".encode()
-            writer.write(conn.send(h11.Data(data=data)))
-            await writer.drain()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STATUS_INTERVAL):
-                    await self._stopping.wait()
+        seen = 0
+        with self._status.viewing():
+            while not self._stopping.is_set():
+                data = await self._status.after(seen)
+                if data is None:
+                    return
+                seen = self._status.version
+                writer.write(conn.send(h11.Data(data=data)))
+                await _drain(writer)
+
+
+class _StatusFeed:
+    """The /status event, rendered once per STATUS_INTERVAL while anyone
+    watches, and the same bytes written to every viewer."""
+
+    def __init__(self, source: AdminSource, stopping: asyncio.Event) -> None:
+        self.source = source
+        self.stopping = stopping
+        self.version = 0  # of `data`; 0 = nothing rendered yet
+        self.data = b""
+        self.viewers = 0
+        self._rendered = asyncio.Event()  # set (and replaced) on each rendering
+        self._task: asyncio.Task[None] | None = None
+        self._previous: dict[str, tuple[int, float]] = {}
+
+    @contextlib.contextmanager
+    def viewing(self) -> Iterator[None]:
+        self.viewers += 1
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._render_while_watched())
+        try:
+            yield
+        finally:
+            self.viewers -= 1
+
+    async def after(self, version: int) -> bytes | None:
+        """The first rendering newer than `version` (None when stopping)."""
+        while self.version <= version:
+            if self.stopping.is_set() or self._task is None:
+                return None
+            await self._rendered.wait()
+        return self.data
+
+    async def _render_while_watched(self) -> None:
+        try:
+            while self.viewers and not self.stopping.is_set():
+                try:
+                    self._render(await self.source.families())
+                except Exception:
+                    log.exception("status page: rendering failed")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(STATUS_INTERVAL):
+                        await self.stopping.wait()
+        finally:
+            self._task = None
+            self._previous.clear()  # rates start over with the next viewer
+            self._wake()
+
+    def _render(self, families: list[metrics.Family]) -> None:
+        snapshot = metrics.status(families)
+        now = time.monotonic()
+        routes = snapshot["routes"]
+        assert isinstance(routes, list)
+        for row in routes:
+            events, before = int(row["events"]), self._previous.get(row["route"])
+            if before is not None and now > before[1]:
+                row["rate"] = round((events - before[0]) / (now - before[1]), 2)
+            self._previous[row["route"]] = (events, now)
+        self.data = f"data: {json.dumps(snapshot, separators=(',', ':'))}\n\n".encode()
+        self.version += 1
+        self._wake()
+
+    def _wake(self) -> None:
+        rendered, self._rendered = self._rendered, asyncio.Event()
+        rendered.set()
+
+
+async def _drain(writer: asyncio.StreamWriter) -> None:
+    """Wait until what was written is handed to the kernel, at most WRITE_TIMEOUT."""
+    async with asyncio.timeout(WRITE_TIMEOUT):
+        await writer.drain()
 
 
 async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
@@ -195,4 +281,4 @@ async def _respond(
     if head != b"HEAD":
         out += conn.send(h11.Data(data=body))
     writer.write(out + conn.send(h11.EndOfMessage()))
-    await writer.drain()
+    await _drain(writer)

@@ -16,15 +16,16 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from . import __version__, logs, metrics
 from . import reload as reloading
 from .admin import Admin
-from .auth import ForwardAuth, forward_auths
-from .channel import Channel, DisconnectReason
+from .auth import ForwardAuth, forward_auth, forward_auths, unused_pools
+from .channel import Channel, DisconnectReason, Subscriber
 from .config import Config, ConfigError, RouteConfig, load_config
 from .notify import Notifier, watchdog_interval
+from .pool import ConnectionPool, Origin
 from .proxy import Proxy
 from .server import Server
 from .sockets import LISTEN_BACKLOG, systemd_listener
@@ -50,6 +51,11 @@ DRAIN_TICK = 0.02
 # by everyone reconnecting at once. Up to 3 s, browsers' own default order, since
 # EventSource keeps the value for later reconnects too.
 DRAIN_RETRY_MS = (1000, 3000)
+# A reload that changes a route's forward-auth ends the route's streams (they
+# were admitted under other rules) over at most this long, each with a
+# jittered `retry:` as in a drain, so they come back through the new auth
+# spread out rather than all asking it at once.
+AUTH_RELOAD_WINDOW = 2.0
 # Part of shutdown_timeout the drain may use; the rest is for stopping
 # upstreams and flushing the last writes before the deadline.
 DRAIN_SHARE_OF_DEADLINE = 0.8
@@ -69,6 +75,8 @@ class App:
         # Pass-through to `app` (None without one) and forward-auth by route.
         self.proxy: Proxy | None = None
         self.auth: dict[str, ForwardAuth] = {}
+        self._auth_pools: dict[Origin, ConnectionPool] = {}  # shared by routes' ForwardAuth
+        self._tasks: set[asyncio.Task[int]] = set()  # streams being ended after a reload
         self.started_at = time.time()
         self.reloads = {"ok": 0, "failed": 0}
         # Set on every upstream state change: readiness is waited for on it.
@@ -82,7 +90,7 @@ class App:
         for route in self.config.routes:
             self._add_route(route)
         self.proxy = Proxy(self.config) if self.config.app is not None else None
-        self.auth = forward_auths(self.config)
+        self.auth = forward_auths(self.config, self._auth_pools)
         self.server = Server(
             self.config,
             self.channels,
@@ -171,6 +179,8 @@ class App:
             refused=server.refused if server is not None else {},
             connections=len(server.connections) if server is not None else 0,
             reloads=self.reloads,
+            proxy=self.proxy.stats if self.proxy is not None else None,
+            auth={path: auth.stats for path, auth in self.auth.items()},
         )
         return metrics.collect(self.channels, self.upstreams, process)
 
@@ -209,21 +219,36 @@ class App:
         self.channels.clear()
         self.channels.update(order)
         self._reconfigure_pass_through(self.config, new)
+        reauthorize = self._reconfigure_auth(self.config, new)
         self.config = new
         if self.server is not None:
             self.server.config = new  # limits and timeouts apply to new connections
         self._upstream_changed.set()
+        streams = [
+            (self.channels[path], sub)
+            for path in reauthorize
+            for sub in self.channels[path].subscribers()
+        ]
+        if streams:
+            log.info(
+                "reload: forward-auth changed on %s: ending %d stream(s) over %gs to reconnect"
+                " through it",
+                ", ".join(reauthorize),
+                len(streams),
+                AUTH_RELOAD_WINDOW,
+            )
+            task = asyncio.get_running_loop().create_task(
+                self._end_spread(streams, AUTH_RELOAD_WINDOW)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return change
 
     def _reconfigure_pass_through(self, old: Config, new: Config) -> None:
-        """Pass-through and forward-auth follow a reload when their settings changed.
+        """Pass-through follows a reload when its settings changed.
 
         A replaced Proxy's in-flight requests finish on their own connections;
-        closing it only drops its idle pool. Forward-auth is rebuilt for every
-        route when any of its inputs changed (auth pools are shared across
-        routes, so one cannot be swapped alone): decisions in flight are
-        cancelled (those clients reconnect), and streams admitted before are no
-        longer revalidated until they reconnect.
+        closing it only drops its idle pool.
         """
         if self.server is None:
             return
@@ -232,13 +257,53 @@ class App:
                 self.proxy.close()
             self.proxy = Proxy(new) if new.app is not None else None
             self.server.pass_through = self.proxy.forward if self.proxy is not None else None
-        if _auth_inputs(old) != _auth_inputs(new):
-            for auth in self.auth.values():
-                auth.close()
-            self.auth.clear()  # the Server holds this same dict
-            self.auth.update(forward_auths(new))
-            for auth in self.auth.values():
+
+    def _reconfigure_auth(self, old: Config, new: Config) -> list[str]:
+        """Forward-auth follows a reload route by route; returns the kept routes
+        whose streams were admitted under other rules (to be ended).
+
+        A route whose auth settings (or the trusted proxies, which decide what
+        client address the auth endpoint sees) changed gets a new ForwardAuth:
+        the old one's asks in flight are cancelled (those clients reconnect)
+        and its cached decisions go with it. Its existing streams, admitted by
+        the old rules or by none, are ended by the caller so they reconnect
+        through the new ones: otherwise adding `auth:` would leave every open
+        stream unauthenticated, and revalidation would never see them. Routes
+        whose auth did not change keep their ForwardAuth, its cache and its
+        revalidation watches.
+        """
+        if self.server is None:
+            return []
+        trusted_changed = old.trusted_proxies != new.trusted_proxies
+        before = {route.path: route.auth for route in old.routes}
+        reauthorize: list[str] = []
+        for route in new.routes:
+            kept = route.path in before
+            unchanged = kept and before[route.path] == route.auth
+            if unchanged and (route.auth is None or not trusted_changed):
+                continue
+            stale = self.auth.pop(route.path, None)
+            if stale is not None:
+                stale.close()
+            if route.auth is not None:
+                auth = self.auth[route.path] = forward_auth(route, new, self._auth_pools)
                 auth.start()
+            if kept:
+                reauthorize.append(route.path)
+        paths = {route.path for route in new.routes}
+        for path in [p for p in self.auth if p not in paths]:
+            self.auth.pop(path).close()  # a removed route (its streams are closed)
+        for pool in unused_pools(self._auth_pools, self.auth):
+            pool.close()
+        for pool in self._auth_pools.values():
+            pool.idle_timeout = new.proxy.pool_idle_timeout  # for connections parked from now on
+        # The Server holds this same dict, in the new config's order.
+        order = {
+            route.path: self.auth[route.path] for route in new.routes if route.path in self.auth
+        }
+        self.auth.clear()
+        self.auth.update(order)
+        return reauthorize
 
     # -- shutdown -------------------------------------------------------------------
 
@@ -248,37 +313,89 @@ class App:
         Streams end in random order at an even rate (at least MIN_DRAIN_RATE a
         second), each with a jittered `retry:` first, so the clients' reconnects
         reach the next instance spread out rather than in one burst. Upstreams
-        keep feeding the streams not yet ended. `hurry` set ends the rest at once.
-        Returns the number of streams ended.
+        keep feeding the streams not yet ended. Streams that still open meanwhile
+        (a keep-alive connection's next request, a forward-auth answer that was
+        in flight) are ended the same way rather than cut at stop. `hurry` set
+        ends the rest at once. Returns the number of streams ended.
         """
         if self.listener is not None:
             self.listener.close()
-        streams = [(c, sub) for c in self.channels.values() for sub in c.subscribers()]
-        self._rng.shuffle(streams)
-        total = len(streams)
-        spread = min(window, total / MIN_DRAIN_RATE)
-        if total:
-            log.info("draining %d streams over %.2fs", total, spread)
+        server = self.server
+        if server is not None:
+            server.draining = True
+
+        def opened() -> int:
+            # Streams ever opened: moves in the same event-loop step as the subscribe.
+            return sum(channel.stats.connects for channel in self.channels.values())
+
+        seen = opened()
+
+        def current() -> list[tuple[Channel, Subscriber]]:
+            return [(c, sub) for c in self.channels.values() for sub in c.subscribers()]
+
+        def more() -> list[tuple[Channel, Subscriber]] | None:
+            # Everything is looked at again only when a stream opened since.
+            nonlocal seen
+            if opened() == seen:
+                return None
+            seen = opened()
+            return current()
+
+        streams = current()
+        if streams:
+            spread = min(window, len(streams) / MIN_DRAIN_RATE)
+            log.info("draining %d streams over %.2fs", len(streams), spread)
+        return await self._end_spread(streams, window, hurry, more)
+
+    async def _end_spread(
+        self,
+        streams: Sequence[tuple[Channel, Subscriber]],
+        window: float,
+        hurry: asyncio.Event | None = None,
+        more: Callable[[], list[tuple[Channel, Subscriber]] | None] | None = None,
+    ) -> int:
+        """End `streams` in random order at an even rate over at most `window`
+        seconds (at least MIN_DRAIN_RATE a second), each with a jittered
+        `retry:`. `more()`, asked every tick, returns every stream again when
+        new ones may have opened (None when not): what is left is spread over
+        what is left of the window. Returns the number of streams ended."""
         loop = asyncio.get_running_loop()
-        start, done = loop.time(), 0
-        while done < total:
-            elapsed = loop.time() - start
-            hurried = hurry is not None and hurry.is_set()
-            due = total if hurried or elapsed >= spread else math.ceil(total * elapsed / spread)
-            for channel, sub in streams[done:due]:
-                channel.end_stream(
-                    sub, DisconnectReason.DRAIN, retry=self._rng.randint(*DRAIN_RETRY_MS)
-                )
-            done = max(done, due)
-            if done < total:
+        pending = list(streams)
+        self._rng.shuffle(pending)
+        start = last = loop.time()
+        end_at = start + min(window, len(pending) / MIN_DRAIN_RATE)
+        ended = 0
+        while True:
+            refreshed = more() if more is not None else None
+            if refreshed is not None:
+                pending = refreshed
+                self._rng.shuffle(pending)
+            if not pending:
+                return ended
+            now = loop.time()
+            if (hurry is not None and hurry.is_set()) or now >= end_at:
+                due = len(pending)
+            else:
+                due = math.ceil(len(pending) * (now - last) / (end_at - last))
+            last = now
+            cut = len(pending) - due
+            batch, pending = pending[cut:], pending[:cut]
+            for channel, sub in batch:
+                if not sub.closed:  # the client may have left meanwhile
+                    channel.end_stream(
+                        sub, DisconnectReason.DRAIN, retry=self._rng.randint(*DRAIN_RETRY_MS)
+                    )
+                    ended += 1
+            if pending:
                 await _sleep_or(DRAIN_TICK, hurry)
-        return total
 
     async def stop(self, grace: float = STOP_TIMEOUT) -> None:
         """End every stream now, stop the upstreams (waiting up to `grace`
         seconds for them) and close every connection."""
         if self.listener is not None:
             self.listener.close()
+        for task in list(self._tasks):
+            task.cancel()
         for channel in self.channels.values():
             channel.close(DisconnectReason.DRAIN)
         with contextlib.suppress(TimeoutError):
@@ -293,6 +410,8 @@ class App:
             self.proxy.close()
         for auth in self.auth.values():
             auth.close()
+        for pool in self._auth_pools.values():
+            pool.close()
         log.info("ssefan stopped")
 
 
@@ -464,11 +583,6 @@ class _Process:
 def _proxy_inputs(config: Config) -> tuple[object, ...]:
     tokens = tuple(r.auth.token_param for r in config.routes if r.auth is not None)
     return config.app, config.proxy, config.trusted_proxies, tokens
-
-
-def _auth_inputs(config: Config) -> tuple[object, ...]:
-    auths = tuple((r.path, r.auth) for r in config.routes if r.auth is not None)
-    return auths, config.trusted_proxies, config.proxy.pool_idle_timeout
 
 
 def _count(n: int, noun: str) -> str:

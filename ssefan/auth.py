@@ -10,7 +10,13 @@ plus where the client wanted to go:
   `auth.timeout`, is a 503.
 * Decisions are cached per credential for `auth.cache`, and concurrent asks
   for one credential share a single request: a reconnect storm of ten
-  thousand tabs of one user costs one auth call.
+  thousand tabs of one user costs one auth call. Admits and denials are kept
+  apart (each its own LRU), so a flood of made-up cookies only evicts other
+  denials, never a real user's admit. A request without any credential is
+  keyed by the client address the auth endpoint sees as well, so an endpoint
+  that admits by address doesn't have its answer served to everyone.
+* At most MAX_CONCURRENT_ASKS asks per route are in flight; beyond that a
+  new credential waits its turn within `auth.timeout`, then gets a 503.
 * With `revalidate`, one timer per route re-asks once per distinct credential
   with open streams, and ends the streams of credentials now refused.
 
@@ -26,16 +32,18 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from .config import AuthConfig, Config
+from .config import AuthConfig, Config, RouteConfig
 from .forwarding import (
     Header,
     TrustedProxies,
@@ -46,7 +54,14 @@ from .forwarding import (
 )
 from .pool import ConnectionPool, Origin, OriginClosed, OriginConnection, OriginProtocolError
 
-__all__ = ["AuthDecision", "Credential", "ForwardAuth", "forward_auths"]
+__all__ = [
+    "AuthDecision",
+    "Credential",
+    "ForwardAuth",
+    "forward_auth",
+    "forward_auths",
+    "unused_pools",
+]
 
 log = logging.getLogger("ssefan.auth")
 
@@ -54,9 +69,23 @@ log = logging.getLogger("ssefan.auth")
 # is a login hint or an error page, not content; a bigger one is replaced by
 # a plain reason rather than held in memory per waiting client.
 MAX_AUTH_BODY = 16 * 1024
-# Decisions remembered per route. At ~200 bytes each, 10 000 bound the cache
-# below 2 MiB while covering every user of a busy instance within `cache`.
-MAX_CACHED_DECISIONS = 10_000
+# Admits remembered per route (least recently used dropped first). An admit
+# holds no body: key, entry and decision are ~300 bytes, so 10 000 bound the
+# cache near 3 MiB per route while covering every user of a busy instance
+# within `cache`.
+MAX_CACHED_ADMITS = 10_000
+# Denials (401/403, each with its body of up to MAX_AUTH_BODY) are kept apart
+# from admits, so made-up credentials evict only other denials, in an LRU of
+# at most this many entries and this many body bytes per route: a denial
+# worth caching is a reconnect loop of one refused client, a few at a time.
+MAX_CACHED_DENIALS = 1_000
+DENIAL_CACHE_BYTES = 1024 * 1024
+# Asks in flight at once per route. Each is an outbound connection (the pool
+# keeps only AUTH_POOL_SIZE idle ones), so without a cap N distinct made-up
+# credentials would open N connections to the auth endpoint at once. 64 keeps
+# a busy instance's cold start fast (asks take milliseconds); a credential
+# beyond it waits for a free slot within `auth.timeout`, then gets a 503.
+MAX_CONCURRENT_ASKS = 64
 # Re-asks in flight at once during a revalidation pass, so a route with
 # thousands of distinct users doesn't hit the auth endpoint all at once.
 REVALIDATE_CONCURRENCY = 16
@@ -129,6 +158,7 @@ class AuthStats:
     admitted: int = 0
     denied: int = 0
     unavailable: int = 0
+    saturated: int = 0  # asks not sent: MAX_CONCURRENT_ASKS were in flight (also unavailable)
     revoked: int = 0  # streams ended by revalidation
 
 
@@ -154,7 +184,12 @@ class ForwardAuth:
         self._forward = tuple(name.lower().encode("ascii") for name in config.forward)
         self._token_header = config.token_header.encode("ascii")
         self._secret = secrets.token_bytes(32)
-        self._cache: dict[bytes, tuple[float, AuthDecision]] = {}
+        # key -> (expires, decision), least recently used first.
+        self._admits: OrderedDict[bytes, tuple[float, AuthDecision]] = OrderedDict()
+        self._denials: OrderedDict[bytes, tuple[float, AuthDecision]] = OrderedDict()
+        self._denial_bytes = 0
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_ASKS)
+        self._saturation_logged = -math.inf
         self._asking: dict[bytes, asyncio.Task[AuthDecision]] = {}
         self._watched: dict[bytes, _Watched] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -191,20 +226,26 @@ class ForwardAuth:
         uri_query = without_params(query, [self.config.token_param or ""])
         uri = path + (f"?{uri_query}" if uri_query else "")
         key_query = without_params(uri_query, volatile_params)
-        key = self._key(sent, path + (f"?{key_query}" if key_query else ""))
-        context: list[Header] = [
-            (b"X-Forwarded-Method", b"GET"),
-            (b"X-Forwarded-Uri", uri.encode("utf-8", "replace")),
-        ]
         # Who and where the client is, as for proxied requests (trusted peers'
         # chains extended, anyone else's claims replaced).
         identity = [(n, v) for n, v in request_headers if n.lower() in _IDENTITY_INPUT]
-        context += [
+        where = [
             (name, value)
             for name, value in forwarded_headers(
                 identity, peer_ip=peer_ip, scheme=scheme, trusted=peer_ip in self.trusted
             )
             if name.lower() != b"host"
+        ]
+        # Without a credential, the client's address is all the endpoint can
+        # decide by (admitting an internal network, say): it is part of the
+        # key then, or one address's admit would be served to everyone. With a
+        # credential it is not, so one user's tabs on several networks (or
+        # behind a changing NAT address) still share one decision.
+        key = self._key(sent if sent else where, path + (f"?{key_query}" if key_query else ""))
+        context: list[Header] = [
+            (b"X-Forwarded-Method", b"GET"),
+            (b"X-Forwarded-Uri", uri.encode("utf-8", "replace")),
+            *where,
         ]
         return Credential(key, tuple(sent + context))
 
@@ -244,10 +285,10 @@ class ForwardAuth:
         """
         key = credential.key
         if not fresh:
-            cached = self._cache.get(key)
-            if cached is not None and cached[0] > self.clock():
+            cached = self._cached(key)
+            if cached is not None:
                 self.stats.cache_hits += 1
-                return cached[1]
+                return cached
         task = self._asking.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._ask(credential))
@@ -268,18 +309,71 @@ class ForwardAuth:
         else:
             self.stats.unavailable += 1
         if decision.cacheable and self.config.cache > 0:
-            self._cache.pop(key, None)
-            while len(self._cache) >= MAX_CACHED_DECISIONS:
-                del self._cache[next(iter(self._cache))]  # the oldest entry
-            self._cache[key] = (self.clock() + self.config.cache, decision)
+            self._forget(key)
+            expires = self.clock() + self.config.cache
+            if decision.admitted:
+                while len(self._admits) >= MAX_CACHED_ADMITS:
+                    self._admits.popitem(last=False)  # the least recently used
+                self._admits[key] = (expires, decision)
+            else:
+                size = _denial_size(decision)
+                if size > DENIAL_CACHE_BYTES:
+                    return
+                while self._denials and (
+                    len(self._denials) >= MAX_CACHED_DENIALS
+                    or self._denial_bytes + size > DENIAL_CACHE_BYTES
+                ):
+                    _, (_, dropped) = self._denials.popitem(last=False)
+                    self._denial_bytes -= _denial_size(dropped)
+                self._denials[key] = (expires, decision)
+                self._denial_bytes += size
+
+    def _cached(self, key: bytes) -> AuthDecision | None:
+        for cache in (self._admits, self._denials):
+            entry = cache.get(key)
+            if entry is None:
+                continue
+            if entry[0] > self.clock():
+                cache.move_to_end(key)
+                return entry[1]
+            self._forget(key)
+        return None
+
+    def _forget(self, key: bytes) -> None:
+        self._admits.pop(key, None)
+        entry = self._denials.pop(key, None)
+        if entry is not None:
+            self._denial_bytes -= _denial_size(entry[1])
+
+    @property
+    def cached(self) -> tuple[int, int, int]:
+        """(admits, denials, denial body bytes) held in the decision cache."""
+        return len(self._admits), len(self._denials), self._denial_bytes
 
     async def _ask(self, credential: Credential) -> AuthDecision:
-        self.stats.asks += 1
         request_id = new_request_id()
         timeout = self.config.timeout
+        # One deadline for waiting for a slot and for the answer: a client
+        # hears back within `auth.timeout` either way.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                decision = await self._ask_once(credential, request_id)
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+            if loop.time() >= deadline:  # a slot, but no time left to use it
+                self._slots.release()
+                raise TimeoutError
+        except TimeoutError:
+            self.stats.saturated += 1
+            self._log_saturation()
+            return UNAVAILABLE
+        self.stats.asks += 1
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    decision = await self._ask_once(credential, request_id)
+            finally:
+                self._slots.release()
         except TimeoutError:
             reason = f"no answer within {timeout:g}s"
         except (OSError, OriginProtocolError) as exc:
@@ -303,6 +397,21 @@ class ForwardAuth:
             reason,
         )
         return UNAVAILABLE
+
+    def _log_saturation(self) -> None:
+        # Once a minute at most: under a flood of made-up credentials this
+        # would otherwise be a log line per refused client.
+        now = self.clock()
+        if now - self._saturation_logged >= 60.0:
+            self._saturation_logged = now
+            log.warning(
+                "route=%s %d auth requests in flight and none finished within %gs:"
+                " new credentials get 503 (%d so far)",
+                self.route,
+                MAX_CONCURRENT_ASKS,
+                self.config.timeout,
+                self.stats.saturated,
+            )
 
     async def _ask_once(self, credential: Credential, request_id: str) -> AuthDecision:
         headers: list[Header] = [
@@ -451,28 +560,50 @@ class ForwardAuth:
             self._revalidation.cancel()
         for task in list(self._asking.values()):
             task.cancel()
-        self.pool.close()
+        # The pool is shared with other routes' ForwardAuth: its owner closes it.
 
 
-def forward_auths(config: Config) -> dict[str, ForwardAuth]:
+def forward_auth(
+    route: RouteConfig, config: Config, pools: dict[Origin, ConnectionPool]
+) -> ForwardAuth:
+    """`route`'s ForwardAuth, on the pool `pools` holds for its auth origin (made
+    and added if missing). Pools are shared across routes and owned by the
+    caller: closing a ForwardAuth leaves its pool open."""
+    assert route.auth is not None
+    origin = Origin.from_url(route.auth.url)
+    pool = pools.get(origin)
+    if pool is None:
+        pool = pools[origin] = ConnectionPool(
+            origin,
+            size=AUTH_POOL_SIZE,
+            idle_timeout=config.proxy.pool_idle_timeout,
+            connect_timeout=route.auth.timeout,
+        )
+    return ForwardAuth(route.path, route.auth, pool, trusted=TrustedProxies(config.trusted_proxies))
+
+
+def forward_auths(config: Config, pools: dict[Origin, ConnectionPool]) -> dict[str, ForwardAuth]:
     """A ForwardAuth per route that has `auth`, sharing a pool per auth origin."""
-    trusted = TrustedProxies(config.trusted_proxies)
-    pools: dict[Origin, ConnectionPool] = {}
-    auths: dict[str, ForwardAuth] = {}
-    for route in config.routes:
-        if route.auth is None:
-            continue
-        origin = Origin.from_url(route.auth.url)
-        pool = pools.get(origin)
-        if pool is None:
-            pool = pools[origin] = ConnectionPool(
-                origin,
-                size=AUTH_POOL_SIZE,
-                idle_timeout=config.proxy.pool_idle_timeout,
-                connect_timeout=route.auth.timeout,
-            )
-        auths[route.path] = ForwardAuth(route.path, route.auth, pool, trusted=trusted)
-    return auths
+    return {
+        route.path: forward_auth(route, config, pools)
+        for route in config.routes
+        if route.auth is not None
+    }
+
+
+def unused_pools(
+    pools: dict[Origin, ConnectionPool], auths: Mapping[str, ForwardAuth]
+) -> list[ConnectionPool]:
+    """Remove and return the pools no ForwardAuth in `auths` uses (to be closed)."""
+    used = {id(auth.pool) for auth in auths.values()}
+    gone = [origin for origin, pool in pools.items() if id(pool) not in used]
+    return [pools.pop(origin) for origin in gone]
+
+
+def _denial_size(decision: AuthDecision) -> int:
+    """What a cached denial costs, as counted against DENIAL_CACHE_BYTES."""
+    headers = sum(len(name) + len(value) for name, value in decision.headers)
+    return len(decision.body) + headers + len(decision.content_type)
 
 
 def _describe(exc: BaseException) -> str:

@@ -365,12 +365,12 @@ class Channel:
         self.stats.overflows += 1
         setting = "max_line_bytes" if item.kind == "line" else "max_event_bytes"
         log.warning(
-            "route=%s upstream sent an %s over the %s limit (%d bytes): event dropped; "
+            "route=%s upstream sent an over-long %s (%d bytes, over %s): event dropped; "
             "raise routes[].upstream.%s if such events are legitimate",
             self.route.path,
-            "event" if item.kind == "event" else "line",
-            setting,
+            item.kind,
             item.size,
+            setting,
             setting,
         )
 

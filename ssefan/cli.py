@@ -151,7 +151,12 @@ def _load_or_report(path: str) -> Config | None:
 
 
 def summary(config: Config) -> str:
-    """One line: routes with their upstreams, the listen address and the app."""
+    """One line: routes with their upstreams, the listen address and the app.
+
+    Redacted as log lines are (credentials in URLs, configured secrets): the
+    output of `ssefan check` ends up in CI logs and terminals' scrollback."""
+    redact = logs.Redactor()
+    redact.add(logs.config_secrets(config))
     count = len(config.routes)
     routes = f"{count} route{'s' if count != 1 else ''}"
     if config.routes:
@@ -160,7 +165,7 @@ def summary(config: Config) -> str:
     host = config.listen.host
     listen = f"[{host}]" if ":" in host else host
     line = f"{routes}, listen {listen}:{config.listen.port}"
-    return line + (f", app {config.app}" if config.app else "")
+    return redact(line + (f", app {config.app}" if config.app else ""))
 
 
 def _configure_logging(level: str, log_format: str = "text") -> None:

@@ -1,6 +1,7 @@
 """Prometheus text exposition, rendered from plain counters only when scraped.
 
-The hot path bumps ints on `ChannelStats`, `Upstream` and `Server`; nothing
+The hot path bumps ints on `ChannelStats`, `Upstream`, `Server`, `ProxyStats`
+and `AuthStats`; nothing
 here runs per event. `collect()` turns them into `Family` values, `render()`
 writes the text format (version 0.0.4, what every Prometheus scrapes), and the
 JSON form lets a supervisor gather its workers' families and label each with
@@ -14,10 +15,14 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .channel import Channel, DisconnectReason
 from .upstream import Upstream, UpstreamState
+
+if TYPE_CHECKING:
+    from .auth import AuthStats
+    from .proxy import ProxyStats
 
 __all__ = [
     "CONTENT_TYPE",
@@ -57,6 +62,11 @@ class ProcessInfo:
     refused: Mapping[int, int]  # Server.refused: refusals by HTTP status
     connections: int  # open client connections, streams or not
     reloads: Mapping[str, int]  # "ok" / "failed"
+    # Pass-through counters (None without `app`) and forward-auth's by route.
+    # Both start over when a reload replaces them (a counter reset to
+    # Prometheus, which rate() handles).
+    proxy: ProxyStats | None = None
+    auth: Mapping[str, AuthStats] = field(default_factory=dict)
 
 
 def collect(
@@ -84,7 +94,58 @@ def collect(
         reloads.add({"result": result}, process.reloads.get(result, 0))
     for path, channel in channels.items():
         _route(f, path, channel, upstreams.get(path))
+    if process.proxy is not None:
+        _proxy(f, process.proxy)
+    for path, stats in process.auth.items():
+        _auth(f, path, stats)
     return f.families()
+
+
+def _proxy(f: _Families, stats: ProxyStats) -> None:
+    f.counter("ssefan_proxy_requests_total", "Requests passed through to the app.").add(
+        {}, stats.requests
+    )
+    f.counter(
+        "ssefan_proxy_retries_total",
+        "Requests sent again on a fresh connection after a stale keep-alive one closed.",
+    ).add({}, stats.retries)
+    f.counter("ssefan_proxy_tunnels_total", "Upgraded connections tunnelled (WebSocket).").add(
+        {}, stats.tunnels
+    )
+    f.counter(
+        "ssefan_proxy_clients_gone_total", "Pass-through exchanges the client left early."
+    ).add({}, stats.clients_gone)
+    failures = f.counter(
+        "ssefan_proxy_failures_total",
+        "Pass-through requests ssefan answered itself (502, 504, 413...), by status.",
+    )
+    for status, count in sorted(stats.failures.items()):
+        failures.add({"status": str(status)}, count)
+
+
+def _auth(f: _Families, path: str, stats: AuthStats) -> None:
+    route = {"route": path}
+    f.counter("ssefan_auth_requests_total", "Requests sent to the forward-auth endpoint.").add(
+        route, stats.asks
+    )
+    f.counter(
+        "ssefan_auth_cache_hits_total", "Stream requests decided from the decision cache."
+    ).add(route, stats.cache_hits)
+    decisions = f.counter(
+        "ssefan_auth_decisions_total",
+        "Forward-auth answers: admitted (2xx), denied (401/403), unavailable"
+        " (no answer, another status, or too many asks in flight: 503 to clients).",
+    )
+    decisions.add({**route, "result": "admitted"}, stats.admitted)
+    decisions.add({**route, "result": "denied"}, stats.denied)
+    decisions.add({**route, "result": "unavailable"}, stats.unavailable)
+    f.counter(
+        "ssefan_auth_saturated_total",
+        "Asks not sent because MAX_CONCURRENT_ASKS were in flight for the whole auth timeout.",
+    ).add(route, stats.saturated)
+    f.counter("ssefan_auth_revoked_total", "Streams ended because revalidation refused them.").add(
+        route, stats.revoked
+    )
 
 
 def _route(f: _Families, path: str, channel: Channel, upstream: Upstream | None) -> None:

@@ -26,9 +26,16 @@ from urllib.parse import urlsplit
 import h11
 
 from .flow import Inbox, WriteGate
-from .forwarding import describe_h11_error
+from .forwarding import describe_exception, describe_h11_error
 
-__all__ = ["ConnectionPool", "Origin", "OriginClosed", "OriginConnection", "OriginProtocolError"]
+__all__ = [
+    "ConnectionPool",
+    "Origin",
+    "OriginClosed",
+    "OriginConnection",
+    "OriginProtocolError",
+    "split_url",
+]
 
 log = logging.getLogger("ssefan.pool")
 
@@ -56,6 +63,8 @@ class OriginProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Origin:
+    """Where to connect for an http(s) URL, and the Host header it is asked by."""
+
     scheme: str
     host: str
     port: int
@@ -63,19 +72,29 @@ class Origin:
 
     @classmethod
     def from_url(cls, url: str) -> Origin:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        default_port = 443 if parts.scheme == "https" else 80
-        port = parts.port or default_port
-        host = parts.hostname
-        host_header = f"[{host}]" if ":" in host else host
-        if port != default_port:
-            host_header += f":{port}"
-        return cls(parts.scheme, host, port, host_header)
+        return split_url(url)[0]
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host_header}"
+
+
+def split_url(url: str) -> tuple[Origin, str]:
+    """An http(s) URL as its origin and its request target (origin-form, RFC 9112 §3.2.1).
+
+    The one URL parser for every outgoing connection: the app, auth endpoints,
+    upstreams. Raises ValueError for anything but an http(s) URL with a host.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    default_port = 443 if parts.scheme == "https" else 80
+    port = parts.port or default_port
+    host = parts.hostname
+    host_header = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    if port != default_port:
+        host_header += f":{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Origin(parts.scheme, host, port, host_header), target
 
 
 class OriginConnection(asyncio.Protocol):
@@ -308,4 +327,4 @@ class ConnectionPool:
 def _describe_loss(exc: Exception | None) -> str:
     if exc is None:
         return "closed the connection"
-    return f"connection lost ({type(exc).__name__}: {exc})" if str(exc) else type(exc).__name__
+    return f"connection lost ({describe_exception(exc)})"

@@ -22,6 +22,7 @@ connection is cut so it can tell the body is incomplete.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -36,10 +37,12 @@ from .forwarding import (
     TargetRedactor,
     TrustedProxies,
     connection_tokens,
+    describe_exception,
     describe_h11_error,
     forwarded_headers,
     header_values,
     new_request_id,
+    raw_response,
     request_id_from,
     strip_hop_by_hop,
 )
@@ -171,6 +174,7 @@ class Exchange:
         self.origin: OriginConnection | None = None
         self._head_deadline: asyncio.Timeout | None = None
         self._request_sent = False
+        self._head_sent = False  # the final response head (or a 101) went to the client
         self._last_activity = 0.0  # loop time of the last byte through a tunnel
 
     # -- the whole exchange ---------------------------------------------------------
@@ -215,17 +219,25 @@ class Exchange:
         log.warning(
             "request=%s %s -> %d: %s", self.request_id, self._what(), err.status, err.reason
         )
-        conn = self.client.conn
-        if conn.our_state is not h11.SEND_RESPONSE:
-            self.client.abort()  # the head is out: cutting the body is all that's left
-            return
-        self.client.respond(
-            err.status,
-            f"{err.status} {err.reason} (request {self.request_id})\n",
-            [(b"x-request-id", self.request_id.encode("ascii"))],
-            # An unread or half-read body leaves the connection out of sync.
-            close=conn.their_state is not h11.DONE or err.status in (408, 413),
-        )
+        client, conn = self.client, self.client.conn
+        body = f"{err.status} {err.reason} (request {self.request_id})\n"
+        request_id = [(b"x-request-id", self.request_id.encode("ascii"))]
+        if conn.our_state is h11.SEND_RESPONSE:
+            client.respond(
+                err.status,
+                body,
+                request_id,
+                # An unread or half-read body leaves the connection out of sync.
+                close=conn.their_state is not h11.DONE or err.status in (408, 413),
+            )
+        elif conn.our_state is h11.ERROR and not self._head_sent:
+            # h11 refused the head we gave it, and wrote none of it: the answer
+            # goes out without h11, and the connection can't carry another.
+            with contextlib.suppress(ConnectionError):
+                client.write_raw(raw_response(err.status, body, request_id))
+            client.close()
+        else:
+            client.abort()  # the head is out: cutting the body is all that's left
 
     def _what(self) -> str:
         target = self.request.target.decode("ascii", "replace")
@@ -380,12 +392,14 @@ class Exchange:
                 )
 
     async def _relay_response(self, origin: OriginConnection, response: h11.Response) -> None:
-        headers = strip_hop_by_hop(response.headers.raw_items())
-        if _is_event_stream(headers):
-            headers = _without_buffering(headers)
-        await self._to_client(
-            h11.Response(status_code=response.status_code, headers=headers, reason=response.reason)
-        )
+        headers = _response_headers(response)
+        try:
+            head = h11.Response(
+                status_code=response.status_code, headers=headers, reason=response.reason
+            )
+        except h11.LocalProtocolError as exc:
+            raise ProxyError(502, _unrelayable(exc)) from None
+        await self._to_client(head)
         idle = self.settings.idle_timeout
         while True:
             try:
@@ -520,7 +534,7 @@ class Exchange:
                 504, f"the app did not accept a connection within {timeout:g}s"
             ) from None
         except OSError as exc:
-            raise ProxyError(502, f"the app is unreachable ({_describe(exc)})") from None
+            raise ProxyError(502, f"the app is unreachable ({describe_exception(exc)})") from None
         return self.origin
 
     def _drop_origin(self) -> None:
@@ -550,6 +564,8 @@ class Exchange:
         client = self.client
         try:
             client.write(event)
+            if isinstance(event, h11.Response) or _is_switch(event):
+                self._head_sent = True
             if client.writing_paused:
                 idle = self.settings.idle_timeout
                 try:
@@ -559,6 +575,12 @@ class Exchange:
                     raise ClientGone(f"stopped reading for {idle:g}s") from None
         except ConnectionError:
             raise ClientGone("closed the connection") from None
+        except h11.LocalProtocolError as exc:
+            # h11 refused to frame what the app sent for this client (e.g. a
+            # body longer than the Content-Length it declared): a 502 if the
+            # head is not out yet, else the body is cut (see _fail), and a
+            # warning either way, never a traceback.
+            raise ProxyError(502, _unrelayable(exc)) from None
 
 
 class _Reader(Protocol):
@@ -590,6 +612,28 @@ def _is_chunked(headers: list[Header]) -> bool:
 def _content_length(headers: list[Header]) -> int | None:
     values = header_values(headers, b"content-length")
     return int(values[0]) if values else None  # h11 validated it
+
+
+def _response_headers(response: h11.Response) -> list[Header]:
+    """The app's response headers as they go on to the client."""
+    received = response.headers.raw_items()
+    headers = strip_hop_by_hop(received)
+    if header_values(received, b"transfer-encoding"):
+        # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, and h11
+        # read the body by it. The length is not the body's: forwarded, it
+        # would mis-frame the body for the client (h11 frames it anew).
+        headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+    if _is_event_stream(headers):
+        headers = _without_buffering(headers)
+    return headers
+
+
+def _is_switch(event: _ToClient) -> bool:
+    return isinstance(event, h11.InformationalResponse) and event.status_code == 101
+
+
+def _unrelayable(exc: h11.LocalProtocolError) -> str:
+    return f"the app's response can't be relayed as HTTP/1.1 ({describe_h11_error(exc)})"
 
 
 def _is_event_stream(headers: list[Header]) -> bool:
@@ -625,7 +669,3 @@ def _most_telling(group: BaseExceptionGroup[BaseException]) -> BaseException:
         if isinstance(error, ClientGone):
             return error
     return errors[0]
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

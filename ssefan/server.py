@@ -21,16 +21,16 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, cast
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 
 from . import cors
-from .auth import Credential, ForwardAuth
+from .auth import UNAVAILABLE, AuthDecision, Credential, ForwardAuth
 from .channel import Channel, DisconnectReason, Subscriber
 from .config import Config
 from .flow import Inbox, WriteGate
-from .forwarding import describe_h11_error
+from .forwarding import describe_h11_error, raw_response
 from .sse import encode_comment, encode_retry
 
 __all__ = ["HTTPConnection", "Server"]
@@ -40,6 +40,10 @@ log = logging.getLogger("ssefan.server")
 # Clients refused for capacity are told to come back after this long; browsers'
 # EventSource ignores Retry-After and uses its own 3-5 s, SDKs honour it.
 RETRY_AFTER_SECONDS = 5
+# A stream refused because a reload replaced its route (or the route's
+# forward-auth) while forward-auth was deciding: the new settings are already
+# in force, so a retry right away gets a real answer.
+RECONFIGURED_RETRY_AFTER_SECONDS = 1
 # RFC 9112 §9.6: after answering a request whose body was not read (413, a
 # failed upload), close the write side and read (and drop) for this long
 # before closing, or the unread bytes make the kernel send a reset that can
@@ -79,30 +83,77 @@ class Server:
     pass_through: Callable[[HTTPConnection, h11.Request], Coroutine[Any, Any, None]] | None = None
     # Forward-auth by route path.
     auth: dict[str, ForwardAuth] = field(default_factory=dict)
+    # Set by App.drain(): the process is shutting down and new streams are refused.
+    draining: bool = False
+
+    # Route paths in routing form (see routing_path), and which `channels` they
+    # were computed from (the App changes that dict in place on a reload).
+    _routes_for: tuple[str, ...] = field(default=(), init=False, repr=False)
+    _routes_by_form: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def protocol_factory(self) -> HTTPConnection:
         return HTTPConnection(self)
+
+    def route(self, path: str) -> Channel | None:
+        """The stream route a request path means, if any (see routing_path)."""
+        channel = self.channels.get(path)  # the common case: the path as configured
+        if channel is not None:
+            return channel
+        paths = tuple(self.channels)
+        if paths != self._routes_for:
+            self._routes_for = paths
+            self._routes_by_form = {routing_path(p): p for p in paths}
+        configured = self._routes_by_form.get(routing_path(path))
+        return None if configured is None else self.channels.get(configured)
 
     def count_refusal(self, status: int) -> None:
         self.refused[status] = self.refused.get(status, 0) + 1
 
 
-def _raw_response(status: int, body: str, extra: list[tuple[bytes, bytes]] = []) -> bytes:  # noqa: B006
-    """A complete `Connection: close` response, built without h11.
+def routing_path(path: str) -> str:
+    """`path` in the form requests are routed by: spellings apps treat alike, made one.
 
-    Used where h11 can no longer frame a response (the request head was
-    malformed or never finished).
+    A request whose path has this form in common with a route's is that route
+    (the same forward-auth, the same stream); anything else is passed through
+    as it came. Otherwise `/%65vents`, `/events/`, `//events`, `/events;x` or
+    `/x/../events` would reach the app, whose framework decodes or cleans the
+    path into `/events`: the expensive endpoint, past forward-auth. The rules,
+    in order:
+
+    1. Percent-escapes are decoded once, all of them: the unreserved ones are
+       the same character (RFC 3986 §6.2.2.2), and frameworks decode the rest
+       (`%2F`) too before routing. A backslash counts as `/` (some servers).
+    2. `;params` are cut from every segment (Servlet containers do; `..;x` is `..`).
+    3. Empty segments go: repeated `/` collapse, and a trailing `/` is the
+       same route (as nginx's merge_slashes and Go's path.Clean).
+    4. Dot-segments are resolved (RFC 3986 §5.2.4); `..` stops at the root.
+
+    Matching more spellings than the app would is harmless (a stream route
+    only answers GET/HEAD/OPTIONS, behind its own forward-auth); matching fewer
+    is a bypass.
     """
-    payload = body.encode("utf-8")
-    phrase = HTTPStatus(status).phrase
-    lines = [
-        f"HTTP/1.1 {status} {phrase}".encode("ascii"),
-        b"content-type: text/plain; charset=utf-8",
-        b"content-length: %d" % len(payload),
-        b"connection: close",
-        *[name + b": " + value for name, value in extra],
-    ]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+    segments: list[str] = []
+    for segment in unquote(path, errors="replace").replace("\\", "/").split("/"):
+        segment = segment.split(";", 1)[0]
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    return "/" + "/".join(segments)
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    """A request target's path and query (RFC 9112 §3.2).
+
+    Origin-form is split by hand: urlsplit would read `//events` as a host
+    named "events" with an empty path.
+    """
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return path.partition("#")[0], query.partition("#")[0]
+    parts = urlsplit(target)  # absolute-form (or `*`)
+    return parts.path, parts.query
 
 
 def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
@@ -242,6 +293,14 @@ class HTTPConnection(asyncio.Protocol):
                 self._protocol_error(exc)
                 return
             if event is h11.NEED_DATA:
+                if conn.their_state is h11.SEND_BODY and conn.our_state in (
+                    h11.DONE,
+                    h11.MUST_CLOSE,
+                ):
+                    # Answered at the head (404, 405, 403, a preflight) while the
+                    # body is still coming. Nothing would bound how slowly it
+                    # comes: close, lingering so the answer isn't lost to a reset.
+                    self._close_lingering()
                 return
             if event is h11.PAUSED:
                 if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
@@ -257,7 +316,10 @@ class HTTPConnection(asyncio.Protocol):
                 return
             # Data / EndOfMessage of a request body we already answered: dropped.
             if conn.our_state is h11.MUST_CLOSE:
-                self._close()
+                if conn.their_state is h11.SEND_BODY:
+                    self._close_lingering()  # the unread body must not reset the answer
+                else:
+                    self._close()
                 return
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
@@ -269,7 +331,7 @@ class HTTPConnection(asyncio.Protocol):
         log.info("peer=%s bad request (%d): %s", self.peer, status, problem)
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             reason = "request head too large" if status == 431 else "malformed request"
-            self._write(_raw_response(status, f"{status} {reason}: {problem}\n"))
+            self._write(raw_response(status, f"{status} {reason}: {problem}\n"))
         self._close()
 
     def _on_request(self, request: h11.Request) -> None:
@@ -287,26 +349,43 @@ class HTTPConnection(asyncio.Protocol):
         except UnicodeDecodeError:
             self.respond(400, "400 request target must be ASCII\n", close=True)
             return
-        parts = urlsplit(target)
-        channel = self.server.channels.get(parts.path)
+        if _header(request, b"content-length") is not None and (
+            _header(request, b"transfer-encoding") is not None
+        ):
+            # RFC 9112 §6.1: such a message "ought to be handled as an error";
+            # the two framings are how requests are smuggled past a proxy that
+            # reads one and an app that reads the other. h11 would go by
+            # Transfer-Encoding and keep the connection: refuse, and close it.
+            self.server.count_refusal(400)
+            log.info(
+                "peer=%s bad request (400): both Content-Length and Transfer-Encoding"
+                " (a request-smuggling pattern); closing the connection",
+                self.peer,
+            )
+            self.respond(
+                400, "400 request has both Content-Length and Transfer-Encoding\n", close=True
+            )
+            return
+        path, query = _split_target(target)
+        channel = self.server.route(path)
         if channel is None:
             if self.server.fallback is not None and self.server.fallback(self, request):
                 return
             if self.server.pass_through is not None:
                 self._hand_off(self.server.pass_through(self, request))
                 return
-            self.respond(404, f"404 no route for {parts.path}\n")
+            self.respond(404, f"404 no route for {path}\n")
             return
         method = request.method
         if method == b"OPTIONS":
             self._preflight(channel, request)
         elif method in (b"GET", b"HEAD"):
-            self._open_stream(channel, request, parts.path, parts.query)
+            self._open_stream(channel, request, query)
         else:
             self.server.count_refusal(405)
             self.respond(
                 405,
-                f"405 {method.decode('latin-1')} not allowed on {parts.path}: use GET\n",
+                f"405 {method.decode('latin-1')} not allowed on {channel.route.path}: use GET\n",
                 [(b"allow", cors.ALLOWED_METHODS)],
             )
 
@@ -323,7 +402,7 @@ class HTTPConnection(asyncio.Protocol):
             return
         self.respond(204, "", headers)
 
-    def _open_stream(self, channel: Channel, request: h11.Request, path: str, query: str) -> None:
+    def _open_stream(self, channel: Channel, request: h11.Request, query: str) -> None:
         route = channel.route
         cors_headers = cors.response_headers(route.cors, _header(request, b"origin"))
         if cors_headers is None:
@@ -334,9 +413,15 @@ class HTTPConnection(asyncio.Protocol):
         if route.auth is not None and (auth is None or auth.config != route.auth):
             # A reload changed this route's auth and nothing applied it: fail
             # closed rather than stream to whoever asks.
-            log.warning("route=%s forward-auth settings not in force: refusing", route.path)
+            log.warning(
+                "route=%s forward-auth settings not in force (the last reload did not apply"
+                " them): streams are refused with 503; reload again (SIGHUP) or restart"
+                " ssefan, and if it persists check routes[path=%s].auth (url) in the config",
+                route.path,
+                route.path,
+            )
             self.server.count_refusal(503)
-            self.respond(503, "503 authorization is unavailable, retry shortly\n", cors_headers)
+            self._answer(UNAVAILABLE, cors_headers)
             return
         if auth is None:
             self._start_stream(channel, request, query, cors_headers)
@@ -345,7 +430,7 @@ class HTTPConnection(asyncio.Protocol):
             return  # no auth call for a stream that could not open anyway
         credential = auth.credential(
             request.headers.raw_items(),
-            path,
+            route.path,
             query,
             peer_ip=self.peer_ip,
             scheme=self.scheme,
@@ -363,23 +448,52 @@ class HTTPConnection(asyncio.Protocol):
         cors_headers: list[tuple[bytes, bytes]],
     ) -> None:
         """Ask forward-auth, then open the stream in one synchronous step."""
-        decision = await auth.decide(credential)
+        path = channel.route.path
+        decision: AuthDecision | None
+        try:
+            decision = await auth.decide(credential)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this exchange itself was cancelled: the client is gone
+            decision = None  # the ask was cancelled under us: its ForwardAuth closed
         if self._lost:
             return
-        if not decision.admitted:
-            self.server.count_refusal(decision.status)
+        server = self.server
+        if server.channels.get(path) is not channel or server.auth.get(path) is not auth:
+            # A reload removed or replaced the route, or its forward-auth, while
+            # we waited: neither this decision nor this channel is in force any
+            # more (a removed route's channel is closed). The retry meets the
+            # new settings.
+            log.info("peer=%s route=%s reconfigured during forward-auth: 503", self.peer, path)
+            server.count_refusal(503)
+            retry = str(RECONFIGURED_RETRY_AFTER_SECONDS).encode("ascii")
             self.respond(
-                decision.status,
-                decision.body,
-                [*decision.headers, *cors_headers],
-                content_type=decision.content_type,
+                503,
+                f"503 {path} was reconfigured meanwhile, retry\n",
+                [(b"retry-after", retry), *cors_headers],
             )
+            return
+        if decision is None:
+            decision = UNAVAILABLE
+        if not decision.admitted:
+            server.count_refusal(decision.status)
+            self._answer(decision, cors_headers)
             return
         # No await from here on: the capacity re-check, the head and the
         # subscribe (replay + going live) happen in this one event-loop step.
         self._start_stream(channel, request, query, cors_headers)
         if self.subscriber is not None and auth.config.revalidate is not None:
             self._unwatch = auth.watch(credential, self._credential_revoked)
+
+    def _answer(self, decision: AuthDecision, cors_headers: list[tuple[bytes, bytes]]) -> None:
+        """Pass on forward-auth's refusal (or its unavailability) as the answer."""
+        self.respond(
+            decision.status,
+            decision.body,
+            [*decision.headers, *cors_headers],
+            content_type=decision.content_type,
+        )
 
     def _credential_revoked(self) -> None:
         """Forward-auth no longer admits this stream's credential: end it cleanly."""
@@ -392,6 +506,16 @@ class HTTPConnection(asyncio.Protocol):
         if channel.stopped_by_upstream:
             # The app said "stop" (204); pass it on so browsers stop reconnecting.
             self.respond(204, "", cors_headers)
+            return True
+        if self.server.draining:
+            # Shutting down: a stream opened now would only be cut; send the
+            # client to the next instance after a short pause instead.
+            self.server.count_refusal(503)
+            self.respond(
+                503,
+                "503 shutting down, retry shortly\n",
+                [(b"retry-after", str(RETRY_AFTER_SECONDS).encode("ascii")), *cors_headers],
+            )
             return True
         if self._over_capacity(channel):
             self.server.count_refusal(503)
@@ -623,5 +747,5 @@ class HTTPConnection(asyncio.Protocol):
             self._close()  # idle keep-alive connection: nothing to say
             return
         self.server.count_refusal(408)
-        self._write(_raw_response(408, "408 request head not received in time\n"))
+        self._write(raw_response(408, "408 request head not received in time\n"))
         self._close()

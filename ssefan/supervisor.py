@@ -12,9 +12,11 @@ subscription per route) started with the variables described in worker.py.
 * The supervisor is to its workers what systemd is to it. Workers send
   sd_notify messages to the supervisor's datagram socket (READY, STATUS,
   WATCHDOG, RELOADING, STOPPING, and ssefan's own LISTENING), identified by
-  the sender's pid (SCM_CREDENTIALS). A worker that dies is restarted (with
-  backoff if it keeps dying); one whose loop stops pinging is killed and
-  restarted, as systemd's watchdog would do to a single process. The
+  the sender's pid (SCM_CREDENTIALS); datagrams from another uid, or from a
+  process that is neither a worker nor a child of ours, are dropped. A worker
+  that dies is restarted (with backoff if it keeps dying, or if starting it
+  fails); one whose loop stops pinging is killed and restarted, as systemd's
+  watchdog would do to a single process. The
   supervisor reports READY=1 to systemd once every worker is ready.
 * Signals: HUP validates the file once, then hands the new text to every
   worker (through a memfd) and passes HUP on; TERM passes TERM on and each
@@ -55,6 +57,7 @@ from .worker import (
     ENV_PARENT_FD,
     ENV_REUSEPORT,
     ENV_WORKER,
+    encode_config,
     unix_address,
 )
 
@@ -78,8 +81,10 @@ KILL_GRACE = 2.0
 # The supervisor asks each worker for its metrics with this deadline: a
 # stuck worker must not stall the scrape of the others.
 SCRAPE_TIMEOUT = 2.0
-# Pids whose early messages are kept: a worker spawning is one of few.
-EARLY_PIDS_KEPT = 64
+# Messages kept per worker that spoke before create_subprocess_exec returned
+# its pid to us: in those milliseconds a worker sends one or two (LISTENING=1
+# and a first WATCHDOG=1); more than this is not a worker starting.
+EARLY_MESSAGES_KEPT = 16
 # systemd's own limit for one notify datagram (NOTIFY_BUFFER_MAX).
 NOTIFY_MAX_DATAGRAM = 4096
 # Variables of our own environment a worker must not see (they are for us).
@@ -125,9 +130,11 @@ class Supervisor:
         self._notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._notify.bind(unix_address(f"@{self._token}/notify"))
         self._tasks: set[asyncio.Task[None]] = set()
-        # Messages from a pid not yet known: a worker may speak before
-        # create_subprocess_exec has returned its pid to us.
+        # Messages from a child of ours whose pid we don't know yet: a worker
+        # may speak before create_subprocess_exec has returned its pid to us.
         self._early: dict[int, list[str]] = {}
+        self._uid = os.getuid()
+        self._strangers = 0  # datagrams dropped: not from one of our workers
         self._hurried = False
 
     # -- the whole run ----------------------------------------------------------------
@@ -266,8 +273,7 @@ class Supervisor:
             return
         lived = time.monotonic() - worker.started
         worker.quick_deaths = worker.quick_deaths + 1 if lived < STABLE_AFTER else 1
-        low, high = RESTART_DELAY
-        delay = min(high, low * 2 ** (worker.quick_deaths - 1))
+        delay = _backoff(worker.quick_deaths)
         log.warning(
             "worker %d (pid %d) exited with %s after %.1fs; restarting in %.1fs",
             worker.index,
@@ -276,12 +282,28 @@ class Supervisor:
             lived,
             delay,
         )
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await self.stopping.wait()
-        if not self.stopping.is_set():
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.stopping.wait()
+            if self.stopping.is_set():
+                return
+            try:
+                await self._spawn(worker)
+            except Exception as exc:
+                # Any failure (EMFILE, ENOMEM, EAGAIN from fork...): this task is the only
+                # one that restarts this worker: it must not end here.
+                worker.quick_deaths += 1
+                delay = _backoff(worker.quick_deaths)
+                log.error(
+                    "worker %d could not be started (%s); trying again in %.1fs",
+                    worker.index,
+                    f"{type(exc).__name__}: {exc}",
+                    delay,
+                )
+                continue
             worker.restarts += 1
-            await self._spawn(worker)
+            return
 
     async def _watch(self) -> None:
         """Send systemd our watchdog pings and STATUS; kill workers whose loop is stuck."""
@@ -315,21 +337,36 @@ class Supervisor:
                 )
             except (BlockingIOError, InterruptedError):
                 return
-            pid = None
+            pid = uid = None
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
-            if pid is None:
+                    pid, uid, _ = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])
+            # The abstract socket's name is visible in /proc/net/unix and any
+            # local process may send to it: only our own workers are heard.
+            if pid is None or uid != self._uid:
+                self._stranger(pid)
                 continue
             message = data.decode("utf-8", "replace")
             worker = next((w for w in self.workers if w.pid == pid), None)
-            if worker is None:
-                if len(self._early) > EARLY_PIDS_KEPT:
-                    self._early.clear()  # late words of workers long gone
-                self._early.setdefault(pid, []).append(message)
-                continue
-            self._apply(worker, message)
-            self._changed.set()
+            if worker is not None:
+                self._apply(worker, message)
+                self._changed.set()
+            elif _parent_of(pid) == os.getpid():
+                # A worker still being spawned (the only children we have).
+                early = self._early.setdefault(pid, [])
+                if len(early) < EARLY_MESSAGES_KEPT:
+                    early.append(message)
+            else:
+                self._stranger(pid)
+
+    def _stranger(self, pid: int | None) -> None:
+        self._strangers += 1
+        if self._strangers == 1 or self._strangers % 1000 == 0:
+            log.warning(
+                "ignored %d notify message(s) not from a worker (the last from pid %s)",
+                self._strangers,
+                pid,
+            )
 
     def _apply(self, worker: _Worker, message: str) -> None:
         fields = dict(line.split("=", 1) for line in message.split("\n") if "=" in line)
@@ -461,9 +498,12 @@ class Supervisor:
         self._spawn_task(self._announce_ready())
 
     def _write_config(self, text: str) -> None:
-        data = text.encode("utf-8")
-        os.ftruncate(self._config_fd, 0)
+        # Over the old version, then cut to length: a worker reading meanwhile
+        # gets the old version, or the new one (worker.read_fd checks), never
+        # an empty file as truncating first would give it.
+        data = encode_config(text)
         os.pwrite(self._config_fd, data, 0)
+        os.ftruncate(self._config_fd, len(data))
 
     # -- shutdown -----------------------------------------------------------------------
 
@@ -496,6 +536,23 @@ class Supervisor:
         for fd in (self._config_fd, self._parent_read, self._parent_write):
             os.close(fd)
         self.notifier.close()
+
+
+def _backoff(quick_deaths: int) -> float:
+    low, high = RESTART_DELAY
+    return float(min(high, low * 2 ** min(quick_deaths - 1, 32)))
+
+
+def _parent_of(pid: int) -> int | None:
+    """`pid`'s parent pid (from /proc), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read()
+    except OSError:
+        return None
+    # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+    after = fields[fields.rfind(b")") + 2 :].split()
+    return int(after[1]) if len(after) > 1 else None
 
 
 def _describe_exit(status: int) -> str:

@@ -16,16 +16,15 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit
 
 import h11
 
 from .config import UpstreamConfig
+from .pool import split_url
 from .sse import Event, IdOnly, Overflow, Parser, resumable_id
 
-__all__ = ["Upstream", "UpstreamState", "UpstreamTarget"]
+__all__ = ["Upstream", "UpstreamState"]
 
 log = logging.getLogger("ssefan.upstream")
 
@@ -64,29 +63,6 @@ class UpstreamFailure(Exception):
     """The app answered, but not with a usable event stream (remote side's fault)."""
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamTarget:
-    scheme: str
-    host: str
-    port: int
-    host_header: str
-    target: str
-
-    @classmethod
-    def from_url(cls, url: str) -> UpstreamTarget:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        default_port = 443 if parts.scheme == "https" else 80
-        port = parts.port or default_port
-        host = parts.hostname
-        host_header = f"[{host}]" if ":" in host else host
-        if port != default_port:
-            host_header += f":{port}"
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        return cls(parts.scheme, host, port, host_header, target)
-
-
 def _is_event_stream(content_type: bytes) -> bool:
     # WHATWG: compare the MIME type's essence; parameters and a trailing ';' are fine.
     essence = content_type.split(b";", 1)[0].strip().lower()
@@ -107,7 +83,7 @@ class Upstream:
         self.config = config
         self.sink = sink
         self.route = route
-        self.target = UpstreamTarget.from_url(config.url)
+        self.origin, self.target = split_url(config.url)
         self.state = UpstreamState.IDLE
         self.on_state = on_state
         self.retry_hint: float | None = None  # seconds, from the upstream's `retry:`
@@ -212,7 +188,7 @@ class Upstream:
 
     async def _stream_once(self) -> bool:
         """One connection: returns True if the app said stop (204)."""
-        cfg, target = self.config, self.target
+        cfg, target = self.config, self.origin
         ssl_context = ssl.create_default_context() if target.scheme == "https" else None
         try:
             async with asyncio.timeout(cfg.connect_timeout):
@@ -234,7 +210,7 @@ class Upstream:
 
     def _request_headers(self) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = [
-            (b"Host", self.target.host_header.encode("ascii")),
+            (b"Host", self.origin.host_header.encode("ascii")),
             (b"User-Agent", USER_AGENT.encode("ascii")),
             (b"Accept", b"text/event-stream"),
             (b"Cache-Control", b"no-cache"),
@@ -251,9 +227,7 @@ class Upstream:
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-        request = h11.Request(
-            method="GET", target=self.target.target, headers=self._request_headers()
-        )
+        request = h11.Request(method="GET", target=self.target, headers=self._request_headers())
         writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
         idle = self.config.idle_timeout
         parser: Parser | None = None

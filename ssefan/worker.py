@@ -7,7 +7,8 @@ these variables, all set together:
     SSEFAN_CONFIG_FD=fd      a memfd holding the config text the supervisor
                              validated; read again on SIGHUP, so every worker
                              runs exactly what the supervisor checked, even if
-                             the file changed since
+                             the file changed since (with a checksum header,
+                             see encode_config)
     SSEFAN_PARENT_FD=fd      the read end of a pipe only the supervisor can
                              write to: EOF means the supervisor is gone, and
                              the worker drains and exits instead of lingering
@@ -22,12 +23,13 @@ these variables, all set together:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Config, parse_config
+from .config import Config, ConfigError, parse_config
 from .sockets import adopt, bind_listener
 
 __all__ = ["WorkerEnv"]
@@ -38,6 +40,13 @@ ENV_PARENT_FD = "SSEFAN_PARENT_FD"
 ENV_LISTEN_FD = "SSEFAN_LISTEN_FD"
 ENV_REUSEPORT = "SSEFAN_REUSEPORT"
 ENV_ADMIN_SOCKET = "SSEFAN_ADMIN_SOCKET"
+# The memfd holds CONFIG_HEADER + the text. The supervisor rewrites it in place
+# on reload while a worker may be starting and reading it; a reader that
+# catches the write half done sees a checksum that doesn't match and reads
+# again, rather than starting on an empty, cut or mixed config. The write
+# takes microseconds: this many reads are plenty.
+CONFIG_HEADER = "ssefan-config sha256={digest} length={length}\n"
+CONFIG_READ_ATTEMPTS = 1000
 ALL_VARIABLES = (
     ENV_WORKER,
     ENV_CONFIG_FD,
@@ -103,10 +112,41 @@ class WorkerEnv:
         return sock
 
 
+def encode_config(text: str) -> bytes:
+    """What the supervisor writes to the memfd for `text` (see CONFIG_HEADER)."""
+    data = text.encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()
+    return CONFIG_HEADER.format(digest=digest, length=len(data)).encode("ascii") + data
+
+
 def read_fd(fd: int) -> str:
-    """All of a (mem)file's text, read from offset 0 whatever the file position."""
-    size = os.fstat(fd).st_size
-    return os.pread(fd, size, 0).decode("utf-8")
+    """The config text in the supervisor's memfd (read from offset 0 whatever
+    the file position): the one whole version written last, never part of one.
+
+    The supervisor writes the new version over the old one, then truncates
+    to its length: whatever is past the length the header gives is the old
+    version's tail, and a version still being written fails its checksum."""
+    for _ in range(CONFIG_READ_ATTEMPTS):
+        size = os.fstat(fd).st_size
+        text = _decode_config(os.pread(fd, size, 0))
+        if text is not None:
+            return text
+        os.sched_yield()
+    raise ConfigError(["the config the supervisor passed could not be read whole"])
+
+
+def _decode_config(data: bytes) -> str | None:
+    head, newline, rest = data.partition(b"\n")
+    parts = head.decode("ascii", "replace").split(" ")
+    if not newline or len(parts) != 3 or parts[0] != "ssefan-config":
+        return None
+    digest, length = parts[1].removeprefix("sha256="), parts[2].removeprefix("length=")
+    if not length.isdigit() or len(rest) < int(length):
+        return None
+    body = rest[: int(length)]
+    if hashlib.sha256(body).hexdigest() != digest:
+        return None
+    return body.decode("utf-8")
 
 
 def unix_address(name: str) -> str | bytes:

@@ -17,6 +17,8 @@ Endpoints:
   /close-on-reuse    answers on a fresh connection; on a reused one closes unanswered
   /stray[?later]     answers, then writes a stray 408 on the connection (?later: once
                      gate "stray" opens, when ssefan has pooled it)
+  /clte              a chunked body whose head also says Content-Length: 3 (RFC 9112
+                     §6.3: Transfer-Encoding wins; the length is not the body's)
   /ws                WebSocket (RFC 6455): 101, a "hello" frame, then echoes frames
   /auth              forward-auth: Cookie session=<name> or Authorization "Bearer <name>"
                      looked up in `auth_rules` (name -> status; unknown: 401); names in
@@ -335,6 +337,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.reply(403, b"not you\n")
         else:
             self.reply(status, b"")
+
+    def route_clte(self, body: bytes) -> None:
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        self.chunk(b"0123456789")
+        self.wfile.write(b"0\r\n\r\n")
 
     def route_ws(self, body: bytes) -> None:
         key = self.headers.get("Sec-WebSocket-Key", "").encode()

@@ -268,3 +268,28 @@ def test_python_dash_m_runs_the_cli(good: Path) -> None:
     )
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.startswith("ok: 2 routes (/events -> ")
+
+
+def test_check_summary_redacts_credentials_as_logs_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "secret.yaml"
+    path.write_text(
+        "listen: 127.0.0.1:8080\n"
+        "app: http://127.0.0.1:8000\n"
+        "routes:\n"
+        "  - path: /events\n"
+        "    upstream:\n"
+        "      url: http://127.0.0.1:8000/events?access_token=tok-in-query\n"
+        "  - path: /orders\n"
+        "    upstream:\n"
+        "      url: http://127.0.0.1:9000/orders/header-secret-value\n"
+        "      headers: {Authorization: Bearer header-secret-value}\n"
+    )
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    for secret in ("tok-in-query", "header-secret-value"):
+        assert secret not in out, out
+    assert "/events -> http://127.0.0.1:8000/events?access_token=*** " not in out
+    assert "/events -> http://127.0.0.1:8000/events?access_token=***," in out
+    assert out.startswith("ok: 2 routes")

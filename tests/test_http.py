@@ -536,3 +536,60 @@ def test_tcp_reset_does_not_disturb(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sock.close()
     assert_still_streaming(shared_upstream, witness)
+
+
+# --------------------------------------------------------------------------- bodies we don't read
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(
+            b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n", id="404-length"
+        ),
+        pytest.param(
+            b"PUT /events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+            id="405-chunked",
+        ),
+        pytest.param(
+            b"OPTIONS /plain HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+            id="204-preflight",
+        ),
+    ],
+)
+def test_a_body_still_coming_after_the_answer_is_not_waited_for(
+    ssefan: SsefanProcess,
+    shared_upstream: FakeUpstream,
+    witness: SSEClient,
+    conn: RawConnection,
+    head: bytes,
+) -> None:
+    """Slowloris on a body nobody reads: the answer arrives whole, then the
+    connection ends (lingering close) instead of waiting for the body forever."""
+    conn.send(head)
+    response = conn.read_head()
+    assert response.status in (204, 404, 405), response
+    # Nothing else would end it: the head timer stops at the head, and the
+    # keep-alive timer starts only after a whole request. Lingering takes 2 s.
+    conn.wait_closed(5.0)
+    assert_still_streaming(shared_upstream, witness)
+
+
+# --------------------------------------------------------------------------- path spellings
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/%70lain", "/plain/", "//plain", "/plain;v=1", "/x/../plain", "/%2E%2E/plain", "/./plain//"],
+)
+def test_spellings_of_a_route_path_are_the_route(conn: RawConnection, target: str) -> None:
+    conn.send(request("HEAD", target))
+    response = conn.read_response(head_only=True)
+    assert response.status == 200, response
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+
+
+@pytest.mark.parametrize("target", ["/plainx", "/pla", "/plain/x", "/x/plain", "/%2e%2e"])
+def test_other_paths_are_not_the_route(conn: RawConnection, target: str) -> None:
+    conn.send(request("GET", target))
+    assert conn.read_response().status == 404

@@ -9,7 +9,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from harness import AsyncSSEClient, FakeUpstream, SsefanProcess, route_config, write_config
+from harness import (
+    AsyncSSEClient,
+    FakeUpstream,
+    SsefanProcess,
+    StreamDecoder,
+    route_config,
+    write_config,
+)
 from opsharness import signal_proc
 
 from ssefan.app import DRAIN_RETRY_MS, MIN_DRAIN_RATE
@@ -133,3 +140,63 @@ def test_a_second_sigint_ends_the_drain_at_once(upstream: FakeUpstream, tmp_path
         assert "second SIGINT: ending the drain now" in proc.log_text()
     finally:
         proc.stop()
+
+
+def test_a_stream_opened_during_the_drain_is_drained_too(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The listener is closed, but a keep-alive connection can still ask for a
+    stream: it is refused (503) or ended like the others, with a retry: hint,
+    not cut when the process stops."""
+    window, n = 1.5, 300
+    proc = start(upstream, tmp_path, drain_window=f"{window}s", shutdown_timeout="5s")
+    try:
+
+        async def scenario() -> tuple[int, dict[str, str], StreamDecoder]:
+            clients = await open_clients(proc, n)
+            reader, writer = await asyncio.open_connection(proc.host, proc.port)
+            writer.write(b"GET /nothing-here HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 404")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            signal_proc(proc, signal.SIGTERM)
+            first = asyncio.Event()
+            ending = asyncio.ensure_future(end_times(clients, within=window + 5, first=first))
+            async with asyncio.timeout(5):
+                await first.wait()  # the drain is under way
+            writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ")[1])
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (
+                    line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:]
+                )
+                if k
+            }
+            late = StreamDecoder(chunked=True)
+            if status == 200:
+                async with asyncio.timeout(window + 5):
+                    while not late.ended:
+                        data = await reader.read(65536)
+                        if not data:
+                            break
+                        late.feed(data)
+            await ending
+            writer.close()
+            for client in clients:
+                await client.close()
+            return status, headers, late
+
+        status, headers, late = asyncio.run(scenario())
+        assert proc.proc is not None and proc.proc.wait(5) == 0
+    finally:
+        proc.stop()
+    if status == 503:
+        assert headers.get("retry-after")
+    else:
+        assert status == 200
+        low, high = DRAIN_RETRY_MS
+        assert late.retry is not None and low <= late.retry <= high, late.retry
+        assert late.ended

@@ -176,3 +176,54 @@ def test_admin_refuses_a_slow_or_huge_request(upstream: FakeUpstream, tmp_path: 
         assert b"200" not in data.split(b"\r\n", 1)[0]  # closed, not answered
     finally:
         proc.stop()
+
+
+def test_pass_through_and_forward_auth_metrics(upstream: FakeUpstream, tmp_path: Path) -> None:
+    from app_server import TestApp
+
+    app = TestApp().start()
+    try:
+        app.auth_rules.update({"alice": 200, "mallory": 403})
+        config = route_config(upstream, auth={"url": f"{app.url}/auth", "cache": "30s"})
+        config["app"] = app.url
+        config["admin"] = {"listen": "127.0.0.1:0"}
+        proc = SsefanProcess(write_config(tmp_path / "s.yaml", config)).start()
+        try:
+            admin = admin_url(proc)
+            for _ in range(2):  # passed through to the app
+                echo = http_request(
+                    proc.host,
+                    proc.port,
+                    b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+                assert echo.status == 200
+            streams = [
+                SSEClient(proc.host, proc.port, headers={"Cookie": "session=alice"})
+                for _ in range(2)  # one ask, then a cache hit
+            ]
+            assert [s.status for s in streams] == [200, 200]
+            denied = http_request(
+                proc.host,
+                proc.port,
+                b"GET /events HTTP/1.1\r\nHost: x\r\nCookie: session=mallory\r\n\r\n",
+            )
+            assert denied.status == 403
+            samples = scrape(admin)  # parsed by prometheus_client
+            assert value(samples, "ssefan_proxy_requests_total") == 2
+            assert value(samples, "ssefan_proxy_retries_total") == 0
+            assert value(samples, "ssefan_proxy_tunnels_total") == 0
+            assert value(samples, "ssefan_proxy_clients_gone_total") == 0
+            route = {"route": "/events"}
+            assert value(samples, "ssefan_auth_requests_total", **route) == 2
+            assert value(samples, "ssefan_auth_cache_hits_total", **route) == 1
+            assert value(samples, "ssefan_auth_decisions_total", **route, result="admitted") == 1
+            assert value(samples, "ssefan_auth_decisions_total", **route, result="denied") == 1
+            assert value(samples, "ssefan_auth_decisions_total", **route, result="unavailable") == 0
+            assert value(samples, "ssefan_auth_saturated_total", **route) == 0
+            assert value(samples, "ssefan_auth_revoked_total", **route) == 0
+            for stream in streams:
+                stream.close()
+        finally:
+            proc.stop()
+    finally:
+        app.close()

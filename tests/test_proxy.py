@@ -9,10 +9,12 @@ and app-down settings need processes of their own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import h11
 import httpx
 import pytest
 from app_server import (
@@ -45,6 +48,9 @@ from harness import (
     write_config,
 )
 
+import ssefan.proxy as proxy_module
+from ssefan.app import App
+from ssefan.config import parse_config
 from ssefan.forwarding import (
     TargetRedactor,
     TrustedProxies,
@@ -826,3 +832,125 @@ def test_h11_errors_are_described_without_the_offending_bytes() -> None:
 )
 def test_request_id_from_the_client(sent: list[bytes], kept: str | None) -> None:
     assert request_id_from([(b"X-Request-ID", value) for value in sent]) == kept
+
+
+# --------------------------------------------------------------------------- framing
+
+
+def test_app_response_with_both_lengths_is_relayed_by_transfer_encoding(
+    ssefan: SsefanProcess,
+) -> None:
+    """RFC 9112 §6.3: the app's Transfer-Encoding wins over its Content-Length,
+    and the stale length must not reach the client (h11 refused the mismatch:
+    an ERROR traceback and a cut body)."""
+    conn = RawConnection(ssefan.host, ssefan.port)
+    try:
+        conn.send(request("GET", "/clte"))
+        head = conn.read_head()
+        assert head.status == 200
+        assert "content-length" not in head.headers
+        assert head.headers["transfer-encoding"] == "chunked"
+        conn.read_until(b"0\r\n\r\n")
+        assert conn.buf == b"a\r\n0123456789\r\n0\r\n\r\n"
+        conn.buf = b""
+        # Framed right, the connection stays in step for the next request.
+        conn.send(request("GET", "/echo?after-clte"))
+        assert echoed(conn.read_response())["target"] == "/echo?after-clte"
+    finally:
+        conn.close()
+    bad = [line for line in ssefan.lines if "level=error" in line.lower() or "Traceback" in line]
+    assert not bad, bad
+
+
+SMUGGLED = b"GET /echo?smuggled HTTP/1.1\r\nHost: ssefan.test\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [("POST", "/echo?case=cl-te"), ("POST", "/events"), ("GET", "/events")],
+    ids=["pass-through", "stream-route-post", "stream-route-get"],
+)
+def test_request_with_both_lengths_is_refused_and_closed(
+    ssefan: SsefanProcess, app: TestApp, method: str, target: str
+) -> None:
+    """Request smuggling: h11 goes by Transfer-Encoding (here, an empty body and
+    then a second request), a front proxy by Content-Length. Neither is trusted."""
+    body = b"0\r\n\r\n" + SMUGGLED
+    conn = RawConnection(ssefan.host, ssefan.port)
+    try:
+        conn.send(
+            f"{method} {target} HTTP/1.1\r\nHost: ssefan.test\r\n".encode()
+            + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % len(body)
+            + body
+        )
+        response = conn.read_response()
+        assert response.status == 400, response
+        assert response.body == b"400 request has both Content-Length and Transfer-Encoding\n"
+        assert response.headers["connection"] == "close"
+        assert conn.buf + conn.wait_closed() == b""
+    finally:
+        conn.close()
+    assert not [r for r in app.requests if r.target in ("/echo?case=cl-te", "/echo?smuggled")]
+    wait_until(lambda: "both Content-Length and Transfer-Encoding" in ssefan.log_text())
+
+
+@pytest.mark.parametrize("spoiled", ["head", "body"])
+def test_a_response_h11_refuses_to_frame_is_a_clean_502_or_cut(
+    app: TestApp,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    spoiled: str,
+) -> None:
+    """Defence in depth for whatever else h11 may refuse on the way to the client
+    (LocalProtocolError): a 502 while the head is not out, else a cut body; a
+    warning either way, never an ERROR traceback. ssefan runs in-process here so
+    the relayed headers can be spoiled (no real app can: h11 parsed them)."""
+    real = proxy_module._response_headers
+
+    def spoil(response: h11.Response) -> list[tuple[bytes, bytes]]:
+        headers = real(response)
+        if spoiled == "head":
+            return [*headers, (b"X-Spoiled", b"nul\x00byte")]  # h11 won't build this head
+        # A length shorter than the body: h11 refuses the body's first bytes.
+        return [(n, v) for n, v in headers if n.lower() != b"content-length"] + [
+            (b"Content-Length", b"1")
+        ]
+
+    monkeypatch.setattr(proxy_module, "_response_headers", spoil)
+
+    async def exchange() -> bytes:
+        config = parse_config(f"listen: 127.0.0.1:0\napp: {app.url}\nroutes: []\n", "<test>")
+        server = App(config)
+        await server.start(announce=False)
+        try:
+            reader, writer = await asyncio.open_connection(*server.address)
+            try:
+                writer.write(request("GET", f"/echo?spoiled={spoiled}"))
+                async with asyncio.timeout(DEFAULT_TIMEOUT):
+                    received = await reader.readuntil(b"\r\n\r\n")
+                    if spoiled == "head":  # a whole answer, the connection kept
+                        length = re.search(rb"content-length: (\d+)", received)
+                        assert length is not None, received
+                        return received + await reader.readexactly(int(length[1]))
+                    with contextlib.suppress(ConnectionError):  # cut: EOF or reset
+                        while data := await reader.read(65536):
+                            received += data
+                    return received
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+        finally:
+            await server.stop()
+
+    with caplog.at_level(logging.WARNING, logger="ssefan"):
+        received = asyncio.run(exchange())
+    if spoiled == "head":
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), received
+        assert body.startswith(b"502 the app's response can't be relayed as HTTP/1.1"), body
+    else:
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and body == b"", received
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert any("-> 502" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
