@@ -1,0 +1,488 @@
+"""Scenarios: one server + synthetic upstream + N clients, measured through phases.
+
+A *session* starts the upstream and one server under test, records the
+server's RSS before any client, connects N clients and waits until every one
+has its response head, then runs phases. Each measured phase is a window of
+``duration`` seconds after a warm-up; loss is checked through the window and
+the drain that follows (publishing stops, every client must reach the last
+published event). Everything the session started is stopped on exit, even on
+error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .clients import ClientPool, WorkerSpec, merge_windows, split_clients, sum_loss
+from .common import (
+    HOST,
+    CpuPlan,
+    ProcSample,
+    busy_percent,
+    cpu_busy,
+    foreign_cpu,
+    foreign_cpu_seconds,
+    proc_sample,
+)
+from .profile import Profiler
+from .servers import NchanServer, ServerBase, SsefanServer, UpstreamProcess, make_server
+
+__all__ = ["Options", "Session", "run_fanout", "run_idle", "run_slow", "run_storm"]
+
+# SO_RCVLOWAT for the clients that don't sample latency (about 30 events).
+LOWAT = 8192
+
+Record = dict[str, Any]
+
+
+@dataclass
+class Options:
+    workdir: Path
+    plan: CpuPlan
+    nofile: int
+    payload: int = 200
+    workers: int = 2
+    warmup: float = 2.0
+    duration: float = 8.0
+    drain_timeout: float = 10.0
+    idle_settle: float = 3.0
+    storm_rate: float = 25.0
+    storm_back: int = 100
+    slow_rate: float = 10.0
+    # Long enough for a stalled reader to fill its 4 KiB receive buffer, the
+    # server's socket send buffer and a 64 KiB user-space write buffer at the
+    # slow rate, so the server's backpressure path is live during the window.
+    slow_settle: float = 30.0
+    # Before a session starts, wait (up to this long, and up to quiet_budget
+    # over the whole run) for other processes on the machine to be quiet; their
+    # CPU is reported per window either way.
+    quiet_wait: float = 20.0
+    quiet_budget: float = 300.0
+    latency_sample: float = 0.05
+    profile: bool = False
+    lowat: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def cap_clients(self, n: int) -> int:
+        """A server process can hold at most RLIMIT_NOFILE minus a margin sockets."""
+        limit = self.nofile - 100
+        if n > limit:
+            note = (
+                f"{n} clients requested but RLIMIT_NOFILE hard limit is {self.nofile}:"
+                f" ran {limit} (raise the hard limit to go higher)"
+            )
+            if note not in self.notes:
+                self.notes.append(note)
+            return limit
+        return n
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    at: float
+    server: ProcSample
+    upstream: ProcSample
+    cpus: dict[int, tuple[int, int, int]]
+    upstream_stats: dict[str, Any]
+    foreign: dict[tuple[int, int], float]
+
+
+def _sum_samples(pids: list[int]) -> ProcSample:
+    samples = [proc_sample(p) for p in pids]
+    return ProcSample(sum(s.cpu for s in samples), sum(s.rss for s in samples))
+
+
+class Session:
+    def __init__(
+        self,
+        opts: Options,
+        kind: str,
+        clients: int,
+        *,
+        scenario: str,
+        slow_every: int = 0,
+        full_parse: bool = False,
+    ) -> None:
+        self.opts = opts
+        self.kind = kind
+        self.scenario = scenario
+        self.n = opts.cap_clients(clients)
+        self.requested = clients
+        self.slow_every = slow_every
+        self.full_parse = full_parse
+        self.workdir = opts.workdir / f"{scenario}-{kind}-{clients}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.server: ServerBase | None = None
+        self.upstream: UpstreamProcess | None = None
+        self.pool: ClientPool | None = None
+        self.rss_before = 0
+        self.waited_for_quiet = 0.0
+        self.connect: dict[str, Any] = {}
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def __enter__(self) -> Session:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        opts, plan = self.opts, self.opts.plan
+        self.waited_for_quiet = wait_quiet(min(opts.quiet_wait, opts.quiet_budget))
+        opts.quiet_budget -= self.waited_for_quiet
+        server = make_server(self.kind, self.workdir, plan.server, opts.nofile)
+        self.server = server
+        # The naive baseline's server *is* the upstream: it gets the server CPU.
+        upstream_cpus = plan.server if self.kind == "naive" else plan.load
+        publish_to = ""
+        if isinstance(server, NchanServer):
+            server.start(None)
+            publish_to = server.publish_url
+        self.upstream = UpstreamProcess(
+            self.workdir, upstream_cpus, size=opts.payload, publish_to=publish_to
+        )
+        if not isinstance(server, NchanServer):
+            server.start(self.upstream)
+        if self.kind in ("ssefan", "starlette"):
+            self._wait(lambda: self.upstream_stats()["streams"] >= 1, 30.0, "upstream subscription")
+        time.sleep(1.0)  # let the server settle before the RSS baseline
+        self.rss_before = _sum_samples(server.pids).rss
+        per_worker = split_clients(self.n, self.opts.workers if self.n >= 200 else 1)
+        sample_every = self._sample_every()
+        specs = [
+            WorkerSpec(
+                index=i,
+                host=HOST,
+                port=server.port,
+                path=server.path,
+                count=count,
+                sample_every=sample_every,
+                slow_every=self.slow_every,
+                full_parse=self.full_parse,
+                track_ids=self.full_parse and self.kind == "nchan",
+                id_memory=opts.storm_back + 50,
+                lowat=LOWAT if opts.lowat and self.n >= 1000 and not self.full_parse else 0,
+            )
+            for i, count in enumerate(per_worker)
+        ]
+        self.pool = ClientPool(specs)
+        started = time.monotonic()
+        replies = self.pool.call({"cmd": "connect"}, timeout=180.0)
+        errors: dict[str, int] = {}
+        for r in replies:
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        self.connect = {
+            "connected": sum(r["connected"] for r in replies),
+            "failed": sum(r["failed"] for r in replies),
+            "errors": errors,
+            "seconds": round(time.monotonic() - started, 2),
+        }
+
+    def _sample_every(self) -> int:
+        wanted = max(50, math.ceil(self.n * self.opts.latency_sample))
+        wanted = min(wanted, 1000, self.n)
+        return max(1, self.n // wanted)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.server is not None:
+            self.server.stop()
+        if self.upstream is not None:
+            self.upstream.stop()
+            self.upstream = None
+        self.server = None
+
+    # -- helpers --------------------------------------------------------------
+
+    @staticmethod
+    def _wait(condition: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.1)
+
+    def upstream_stats(self) -> dict[str, Any]:
+        assert self.upstream is not None
+        return self.upstream.stats()
+
+    def snapshot(self) -> Snapshot:
+        assert self.server is not None and self.upstream is not None
+        return Snapshot(
+            at=time.monotonic(),
+            server=_sum_samples(self.server.pids),
+            upstream=proc_sample(self.upstream.pid),
+            cpus=cpu_busy(),
+            upstream_stats=self.upstream_stats(),
+            foreign=foreign_cpu(os.getpid()),
+        )
+
+    def set_rate(self, rate: float) -> None:
+        assert self.upstream is not None
+        self.upstream.set_rate(rate)
+
+    def call(self, cmd: dict[str, Any], timeout: float = 120.0) -> list[dict[str, Any]]:
+        assert self.pool is not None
+        return self.pool.call(cmd, timeout)
+
+    def base_record(self, rate: float) -> Record:
+        return {
+            "scenario": self.scenario,
+            "server": self.kind,
+            "clients": self.n,
+            "clients_requested": self.requested,
+            "connected": self.connect.get("connected", 0),
+            "connect_failed": self.connect.get("failed", 0),
+            "connect_errors": self.connect.get("errors", {}),
+            "connect_seconds": self.connect.get("seconds", 0),
+            "rate": rate,
+            "payload": self.opts.payload,
+            "rss_before_mb": round(self.rss_before / 2**20, 1),
+            "waited_for_quiet_s": self.waited_for_quiet,
+        }
+
+    def measures(self, s0: Snapshot, s1: Snapshot, window: dict[str, Any] | None) -> Record:
+        dt = s1.at - s0.at
+        plan = self.opts.plan
+        up = s1.upstream_stats
+        published = up["seq"] - s0.upstream_stats["seq"]
+        record: Record = {
+            "seconds": round(dt, 2),
+            "published_eps": round(published / dt, 1),
+            "server_cpu_pct": round(100 * (s1.server.cpu - s0.server.cpu) / dt, 1),
+            "server_rss_mb": round(s1.server.rss / 2**20, 1),
+            "rss_per_conn_kb": round((s1.server.rss - self.rss_before) / max(1, self.n) / 1024, 2),
+            "upstream_connections": up["streams"],
+            "upstream_peak_connections": up["peak_streams"],
+            "upstream_accepted_connections": up["accepted_streams"],
+            "upstream_cpu_pct": round(100 * (s1.upstream.cpu - s0.upstream.cpu) / dt, 1),
+            "server_cpus_busy_pct": round(busy_percent(s0.cpus, s1.cpus, plan.server), 1)
+            if plan.server
+            else None,
+            "server_cpus_softirq_pct": round(busy_percent(s0.cpus, s1.cpus, plan.server, 2), 1)
+            if plan.server
+            else None,
+            "load_cpus_busy_pct": round(busy_percent(s0.cpus, s1.cpus, plan.load), 1)
+            if plan.load
+            else None,
+            "other_processes_cpu_pct": round(
+                100 * foreign_cpu_seconds(s0.foreign, s1.foreign) / dt, 1
+            ),
+        }
+        if self.kind == "nchan":
+            record["upstream_connections"] = 0
+            record["publisher_connections"] = 1
+            record["publisher"] = up.get("publisher")
+        if window is not None:
+            record["events"] = window["events"]
+            record["delivered_eps"] = round(window["events"] / dt, 1)
+            record["clients_cpu_pct"] = round(100 * window["cpu"] / dt, 1)
+            record["latency_ms"] = window["latency"].summary_ms()
+        return record
+
+    # -- phases ---------------------------------------------------------------
+
+    def steady(self, rate: float, *, drain: bool = True, label: str = "") -> Record:
+        """Publish at `rate`, warm up, measure a window, then (optionally) drain."""
+        opts = self.opts
+        self.set_rate(rate)
+        time.sleep(opts.warmup)
+        return self.window(rate, drain=drain, label=label)
+
+    def window(self, rate: float, *, drain: bool = True, label: str = "") -> Record:
+        opts = self.opts
+        profiler = None
+        if opts.profile and self.kind == "ssefan" and self.server is not None:
+            name = (
+                f"profile-{self.scenario}-{self.n}-{rate:g}{'-' + label[:4] if label else ''}.txt"
+            )
+            profiler = Profiler(self.server.pids[0], self.workdir / name, opts.duration)
+        m0 = self.server_metrics()
+        s0 = self.snapshot()
+        loss0 = sum_loss(self.call({"cmd": "window_start"}))
+        time.sleep(opts.duration)
+        window = merge_windows(self.call({"cmd": "window_end"}))
+        s1 = self.snapshot()
+        record = self.base_record(rate)
+        if label:
+            record["phase"] = label
+        record.update(self.measures(s0, s1, window))
+        loss1 = window
+        if drain:
+            loss1 = self.drain()
+            record["behind_at_end"] = loss1["behind"]
+            record["behind_events_at_end"] = loss1["behind_events"]
+        for key in ("lost", "dup", "ooo", "disconnects"):
+            record[key] = loss1[key] - loss0[key]
+        record["open_at_end"] = loss1["open"]
+        if loss1.get("examples"):
+            record["loss_examples"] = loss1["examples"]
+        if profiler is not None:
+            record["profile"] = profiler.wait()
+        record.update(self.server_counters(m0))
+        return record
+
+    def server_metrics(self) -> dict[str, float]:
+        return self.server.metrics() if isinstance(self.server, SsefanServer) else {}
+
+    def server_counters(self, before: dict[str, float]) -> Record:
+        """ssefan's own view (admin /metrics): disconnects by reason in the window."""
+        after = self.server_metrics()
+        if not after:
+            return {}
+        reasons: dict[str, int] = {}
+        for key, value in after.items():
+            if key.startswith("ssefan_disconnects_total{") and 'reason="' in key:
+                reason = key.split('reason="', 1)[1].split('"', 1)[0]
+                delta = int(value - before.get(key, 0.0))
+                if delta:
+                    reasons[reason] = reasons.get(reason, 0) + delta
+        clients = sum(v for k, v in after.items() if k.startswith("ssefan_clients{"))
+        return {"ssefan_disconnects": reasons, "ssefan_clients": int(clients)}
+
+    def drain(self) -> dict[str, Any]:
+        self.set_rate(0)
+        time.sleep(0.2)
+        target = self.upstream_stats()["seq"]
+        replies = self.call(
+            {"cmd": "drain", "target": target, "timeout": self.opts.drain_timeout},
+            timeout=self.opts.drain_timeout + 60,
+        )
+        return {
+            "behind": sum(r["behind"] for r in replies),
+            "behind_events": sum(r["behind_events"] for r in replies),
+            **sum_loss(replies),
+        }
+
+    def idle(self) -> Record:
+        self.set_rate(0)
+        time.sleep(self.opts.idle_settle)
+        s0 = self.snapshot()
+        time.sleep(self.opts.idle_settle)
+        s1 = self.snapshot()
+        record = self.base_record(0)
+        record.update(self.measures(s0, s1, None))
+        return record
+
+
+QUIET_CPU_PCT = 15.0
+
+
+def wait_quiet(limit: float) -> float:
+    """Wait until other processes use < QUIET_CPU_PCT of a core (1 s samples).
+
+    Returns the seconds waited. Gives up after `limit`: the measurement then
+    goes ahead and its other_processes_cpu_pct says how noisy it was.
+    """
+    started = time.monotonic()
+    root = os.getpid()
+    while time.monotonic() - started < limit:
+        before = foreign_cpu(root)
+        time.sleep(1.0)
+        if 100 * foreign_cpu_seconds(before, foreign_cpu(root)) < QUIET_CPU_PCT:
+            break
+    return round(max(0.0, time.monotonic() - started - 1.0), 1)
+
+
+def run_fanout(opts: Options, kind: str, clients: int, rates: list[float]) -> list[Record]:
+    records: list[Record] = []
+    with Session(opts, kind, clients, scenario="fanout") as session:
+        for rate in rates:
+            records.append(session.steady(rate))
+    return records
+
+
+def run_idle(opts: Options, kind: str, clients: int) -> list[Record]:
+    with Session(opts, kind, clients, scenario="idle") as session:
+        return [session.idle()]
+
+
+def run_slow(opts: Options, kind: str, clients: int) -> list[Record]:
+    """Phase A: everyone reads. Phase B: 1 % stop reading. Same clients, same rate."""
+    rate = opts.slow_rate
+    with Session(opts, kind, clients, scenario="slow", slow_every=100) as session:
+        without = session.steady(rate, drain=False, label="without slow readers")
+        stopped = sum(r["stopped"] for r in session.call({"cmd": "stop_slow"}))
+        time.sleep(opts.slow_settle)
+        with_slow = session.window(rate, drain=True, label="with 1% slow readers")
+        resumed = session.call({"cmd": "resume_slow"})
+        with_slow["slow_readers"] = stopped
+        with_slow["slow_open_before_resume"] = sum(r["open_before_resume"] for r in resumed)
+        with_slow["slow_cut_off_by_server"] = sum(r["cut_off"] for r in resumed)
+        with_slow["slow_unread_kib_each"] = round(
+            sum(r["unread_bytes"] for r in resumed) / max(1, stopped) / 1024, 1
+        )
+        without["slow_readers"] = 0
+        return [without, with_slow]
+
+
+def run_storm(opts: Options, kind: str, clients: int) -> list[Record]:
+    """All clients drop and reconnect at once, `storm_back` events behind."""
+    rate = opts.storm_rate
+    with Session(opts, kind, clients, scenario="storm", full_parse=True) as session:
+        session.set_rate(rate)
+        # Enough history for every client to go `storm_back` events back.
+        time.sleep(opts.storm_back / rate + opts.warmup)
+        s0 = session.snapshot()
+        loss0 = sum_loss(session.call({"cmd": "window_start"}))
+        t0 = time.monotonic_ns() + 300_000_000
+        timeout = 60.0
+        replies = session.call(
+            {"cmd": "storm", "t0": t0, "back": opts.storm_back, "timeout": timeout},
+            timeout=timeout + 30,
+        )
+        window = merge_windows(session.call({"cmd": "window_end"}))
+        s1 = session.snapshot()
+        after = session.drain()
+        record = session.base_record(rate)
+        record.update(session.measures(s0, s1, window))
+        record["lost"] = after["lost"] - loss0["lost"]
+        record["dup"] = after["dup"] - loss0["dup"]
+        record["ooo"] = after["ooo"] - loss0["ooo"]
+        record["behind_at_end"] = after["behind"]
+        record["disconnects"] = after["disconnects"] - loss0["disconnects"]
+        if after.get("examples"):
+            record["loss_examples"] = after["examples"]
+        record["storm"] = _storm_summary(replies, opts.storm_back)
+        return [record]
+
+
+def _storm_summary(replies: list[dict[str, Any]], back: int) -> Record:
+    def stats(key: str) -> dict[str, float | int]:
+        values: list[float] = sorted(float(v) for r in replies for v in r[key])
+        if not values:
+            return {"n": 0}
+
+        def pick(p: float) -> float:
+            return round(values[min(len(values) - 1, math.ceil(p / 100 * len(values)) - 1)], 1)
+
+        return {"n": len(values), "p50": pick(50), "p99": pick(99), "max": round(values[-1], 1)}
+
+    return {
+        "clients": sum(r["clients"] for r in replies),
+        "back": back,
+        "not_done": sum(r["not_done"] for r in replies),
+        "reconnected_ms": stats("head_ms"),
+        "replayed_ms": stats("replayed_ms"),
+        "live_ms": stats("live_ms"),
+    }
