@@ -21,6 +21,8 @@ from urllib.parse import SplitResult, urlsplit
 
 import yaml
 
+from .paths import routing_path
+
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
 KiB = 1024
@@ -809,19 +811,32 @@ def _read_routes(reader: _Reader, raw: object, has_app: bool) -> tuple[RouteConf
 
 
 def _check_unique_paths(reader: _Reader, items: list[object]) -> None:
+    # Compared in routing form: requests for "/events/" or "/%65vents" are
+    # served by the "/events" route, so two routes that differ only by such
+    # spellings could never both be reached.
     first_index: dict[str, int] = {}
     for index, item in enumerate(items):
         path = item.get("path") if isinstance(item, dict) else None
         if not isinstance(path, str):
             continue
-        if path in first_index:
-            reader.report(
-                f"routes[{index}].path",
-                f"{_show(path)} is already the path of routes[{first_index[path]}];"
-                " each path serves one stream",
-            )
+        form = routing_path(path)
+        if form not in first_index:
+            first_index[form] = index
+            continue
+        first = first_index[form]
+        if path == _route_path_of(items[first]):
+            reason = f"{_show(path)} is already the path of routes[{first}]"
         else:
-            first_index[path] = index
+            reason = (
+                f"{_show(path)} is the same route as routes[{first}].path"
+                f" {_show(_route_path_of(items[first]))} (requests are matched after"
+                ' normalising "/", "//", "." and percent-escapes)'
+            )
+        reader.report(f"routes[{index}].path", f"{reason}; each path serves one stream")
+
+
+def _route_path_of(item: object) -> object:
+    return item.get("path") if isinstance(item, dict) else None
 
 
 def _read_route(reader: _Reader, raw: object, path: str) -> RouteConfig | None:

@@ -810,6 +810,15 @@ def test_parse_config_source_defaults_to_string() -> None:
             id="duplicate-path",
         ),
         pytest.param(
+            MINIMAL + "  - path: /events/\n    upstream: http://127.0.0.1:8000/other\n",
+            [
+                'config.yaml: routes[1].path: "/events/" is the same route as routes[0].path'
+                ' "/events" (requests are matched after normalising "/", "//", "." and'
+                " percent-escapes); each path serves one stream"
+            ],
+            id="same-route-after-normalising",
+        ),
+        pytest.param(
             with_route_keys("hearbeat: 5s"),
             ['config.yaml: routes[0].hearbeat: unknown key; did you mean "heartbeat"?'],
             id="route-did-you-mean",
