@@ -1,0 +1,1 @@
+"""ssefan load benchmark: `python -m bench run` (see bench/README.md)."""

@@ -190,6 +190,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         opts.idle_settle = 1.0 if args.smoke else 2.0
         opts.drain_timeout = 5.0
         opts.slow_settle = 5.0
+        opts.storm_timeout = 30.0
         opts.quiet_wait = 0.0 if args.smoke else 10.0
     opts.workdir.mkdir(parents=True, exist_ok=True)
     notes = opts.notes

@@ -543,10 +543,11 @@ class Worker:
 
     # -- reconnect storm ------------------------------------------------------
 
-    async def storm(self, t0: int, back: int, seconds: float) -> Reply:
+    async def storm(self, t0: int, back: int, seconds: float, head: int) -> Reply:
         await asyncio.sleep(max(0.0, (t0 - time.monotonic_ns()) / 1e9))
         self.storm_t0 = time.monotonic_ns()
         targets = [c for c in self.clients if not c.slow and not c.closed]
+        lag_before = [max(0, head - c.last_seq) for c in targets]
         for c in targets:
             c.begin_storm(back)
         await self._wait(lambda: not any(c.storming for c in targets), seconds)
@@ -561,6 +562,7 @@ class Worker:
             "replayed_ms": ms([c.replayed_at for c in targets]),
             "live_ms": ms([c.live_at for c in targets]),
             "not_done": sum(1 for c in targets if c.storming),
+            "lag_before": lag_before,
             **self._loss(),
         }
 
@@ -586,7 +588,7 @@ class Worker:
             elif name == "resume_slow":
                 reply = await self.resume_slow()
             elif name == "storm":
-                reply = await self.storm(cmd["t0"], cmd["back"], cmd["timeout"])
+                reply = await self.storm(cmd["t0"], cmd["back"], cmd["timeout"], cmd["head"])
             elif name == "close":
                 self.closing = True
                 for c in self.clients:

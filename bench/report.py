@@ -314,19 +314,22 @@ def _fanout_table(records: list[Record], add: Any) -> None:
     add("")
     add(
         "| server | clients | rate/s | delivered ev/s | lost | dup | ooo | behind | p50 ms"
-        " | p99 ms | max ms | server CPU % | RSS MB | RSS/conn KiB | upstream conns"
-        " | upstream CPU % | clients CPU % | load CPU busy % |"
+        " | p99 ms | max ms | server CPU % | server core busy % (softirq) | RSS MB"
+        " | RSS/conn KiB | upstream conns | upstream CPU % | clients CPU % | load core busy %"
+        " | other procs CPU % |"
     )
-    add("|---" * 18 + "|")
+    add("|---" * 20 + "|")
     for r in sorted(fan, key=lambda r: (r["clients"], r["rate"], _order(r["server"]))):
         add(
             f"| {r['server']} | {r['clients']:,} | {r['rate']:g} | {_fmt(r['delivered_eps'])}"
             f" | {r['lost']} | {r['dup']} | {r['ooo']} | {r.get('behind_at_end', 0)}"
             f" | {_fmt(_lat(r, 'p50'), 1)} | {_fmt(_lat(r, 'p99'), 1)}"
             f" | {_fmt(_lat(r, 'max'), 0)} | {_fmt(r['server_cpu_pct'])}"
+            f" | {_fmt(r['server_cpus_busy_pct'])} ({_fmt(r.get('server_cpus_softirq_pct'))})"
             f" | {_fmt(r['server_rss_mb'], 1)} | {_fmt(r['rss_per_conn_kb'], 2)}"
             f" | {_upstream_conns(r)} | {_fmt(r['upstream_cpu_pct'])}"
-            f" | {_fmt(r.get('clients_cpu_pct'))} | {_fmt(r['load_cpus_busy_pct'])} |"
+            f" | {_fmt(r.get('clients_cpu_pct'))} | {_fmt(r['load_cpus_busy_pct'])}"
+            f" | {_fmt(r.get('other_processes_cpu_pct'))} |"
         )
     add("")
 
@@ -369,10 +372,11 @@ def _storm_table(records: list[Record], add: Any) -> None:
     )
     add("")
     add(
-        "| server | all reconnected ms (p50) | all replayed ms (p50) | all live ms (p50)"
-        " | not done | lost | dup | ooo | server CPU % |"
+        "| server | lag before storm, events (p50 / max) | all reconnected ms (p50)"
+        " | all replayed ms (p50) | all live ms (p50) | not done | lost | dup | ooo"
+        " | server CPU % | RSS MB |"
     )
-    add("|---|---|---|---|---|---|---|---|---|")
+    add("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(storm, key=lambda r: _order(r["server"])):
         st = r["storm"]
 
@@ -380,10 +384,12 @@ def _storm_table(records: list[Record], add: Any) -> None:
             v = st[key]
             return f"{_fmt(v.get('max'))} ({_fmt(v.get('p50'))})" if v.get("n") else "-"
 
+        lag = st.get("lag_before_events", {})
         add(
-            f"| {r['server']} | {cell('reconnected_ms')} | {cell('replayed_ms')}"
+            f"| {r['server']} | {_fmt(lag.get('p50'))} / {_fmt(lag.get('max'))}"
+            f" | {cell('reconnected_ms')} | {cell('replayed_ms')}"
             f" | {cell('live_ms')} | {st['not_done']} | {r['lost']} | {r['dup']} | {r['ooo']}"
-            f" | {_fmt(r['server_cpu_pct'])} |"
+            f" | {_fmt(r['server_cpu_pct'])} | {_fmt(r['server_rss_mb'], 1)} |"
         )
     add("")
 
