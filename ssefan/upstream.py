@@ -240,14 +240,8 @@ class Upstream:
                 except TimeoutError:
                     raise UpstreamFailure(f"no bytes for {idle:g}s (read-idle watchdog)") from None
                 conn.receive_data(data)
-                if parser is not None:
-                    # Drain everything this read produced before publishing once.
-                    items = self._drain_body(conn, parser)
-                    if items is None:
-                        return False
-                    if items:
-                        self.sink.publish(items)
-                    self._note_retry(parser)
+                if parser is not None and not self._publish_ready(conn, parser):
+                    return False
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue
@@ -264,16 +258,22 @@ class Upstream:
                 self.sink.upstream_connected()
                 self._set_state(UpstreamState.STREAMING)
                 log.info("route=%s upstream=%s streaming", self.route, self.config.url)
-                items = self._drain_body(conn, parser)
-                if items is None:
+                if not self._publish_ready(conn, parser):
                     return False
-                if items:
-                    self.sink.publish(items)
-                self._note_retry(parser)
                 continue
             if isinstance(event, h11.ConnectionClosed):
                 raise UpstreamFailure("connection closed before a response")
             raise UpstreamFailure(f"unexpected {type(event).__name__} before the response")
+
+    def _publish_ready(self, conn: h11.Connection, parser: Parser) -> bool:
+        """Publish everything one read produced as one batch; False if the body ended."""
+        items = self._drain_body(conn, parser)
+        if items is None:
+            return False
+        if items:
+            self.sink.publish(items)
+        self._note_retry(parser)
+        return True
 
     def _drain_body(
         self, conn: h11.Connection, parser: Parser
