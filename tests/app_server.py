@@ -38,11 +38,10 @@ import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -440,25 +439,8 @@ def ws_accept(key: bytes) -> str:
 class VerboseSsefan(SsefanProcess):
     """ssefan at --log-level debug: every log line a test can check for secrets."""
 
-    def start(self, timeout: float = DEFAULT_TIMEOUT) -> SsefanProcess:
-        command = [sys.executable, "-m", "ssefan", "serve", "--config", str(self.config_path)]
-        self.proc = subprocess.Popen(
-            [*command, "--log-level", "debug"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self._env,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_until(
-            lambda: bool(self.url) or self.proc is None or self.proc.poll() is not None,
-            timeout,
-            "ssefan to listen",
-        )
-        if not self.url:
-            raise AssertionError("ssefan did not start:\n" + "\n".join(self.lines))
-        return self
+    def __init__(self, config_path: Path) -> None:
+        super().__init__(config_path, args=("--log-level", "debug"))
 
 
 def stop_clean(proc: SsefanProcess) -> None:

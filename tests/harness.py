@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,8 +239,15 @@ class SsefanProcess:
 
     LISTENING = re.compile(r"listening on (http://\S+)")
 
-    def __init__(self, config_path: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
         self.config_path = config_path
+        self.args = list(args)  # extra `ssefan serve` options, e.g. --log-level
         self.lines: list[str] = []
         self.url = ""
         self._env = {**os.environ, **(env or {})}
@@ -249,7 +256,15 @@ class SsefanProcess:
 
     def start(self, timeout: float = DEFAULT_TIMEOUT) -> SsefanProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ssefan", "serve", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "ssefan",
+                "serve",
+                "--config",
+                str(self.config_path),
+                *self.args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

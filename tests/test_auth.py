@@ -50,24 +50,6 @@ def secret(kind: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def app() -> Iterator[TestApp]:
-    server = TestApp().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def stream_upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
 def ssefan(
     app: TestApp, stream_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SsefanProcess]:

@@ -49,25 +49,16 @@ _unique = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def shared_upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
 def ssefan(
-    shared_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+    stream_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SsefanProcess]:
     config = multi_route_config(
-        shared_upstream,
+        stream_upstream,
         ROUTES,
         max_header_bytes=f"{MAX_HEADER_BYTES}B",
     )
     with running_config(tmp_path_factory.mktemp("http"), config) as proc:
-        shared_upstream.wait_connected(len(ROUTES))
+        stream_upstream.wait_connected(len(ROUTES))
         yield proc
 
 
@@ -121,7 +112,7 @@ OPENING = b": ssefan\n\n"
 )
 def test_stream_response_headers_and_opening(
     ssefan: SsefanProcess,
-    shared_upstream: FakeUpstream,
+    stream_upstream: FakeUpstream,
     path: str,
     headers: dict[str, str],
     retry: int | None,
@@ -146,7 +137,7 @@ def test_stream_response_headers_and_opening(
         assert client.comments[:1] == ["ssefan"]
         assert client.events == []
         data = f"first-{next(_unique)}"
-        shared_upstream.publish(data)
+        stream_upstream.publish(data)
         expect_event(client, data)
         assert [e.data for e in client.events] == [data]
         assert client.events[0].id, "every event carries an id"
@@ -156,7 +147,7 @@ def test_stream_response_headers_and_opening(
 
 
 def test_http10_stream_is_close_delimited(
-    ssefan: SsefanProcess, shared_upstream: FakeUpstream, conn: RawConnection
+    ssefan: SsefanProcess, stream_upstream: FakeUpstream, conn: RawConnection
 ) -> None:
     conn.send(b"GET /plain HTTP/1.0\r\nHost: ssefan.test\r\n\r\n")
     response = conn.read_head()
@@ -165,7 +156,7 @@ def test_http10_stream_is_close_delimited(
     assert "transfer-encoding" not in response.headers
     assert "content-length" not in response.headers
     data = f"http10-{next(_unique)}"
-    shared_upstream.publish(data)
+    stream_upstream.publish(data)
     conn.read_until(f"data: {data}\n\n".encode(), 5.0)
     # No chunk framing: the body is SSE text, starting with the opening comment.
     assert conn.buf.startswith(OPENING)
@@ -261,7 +252,7 @@ BIG_REQUEST = request("GET", "/events", {"X-Padding": "a" * 4096})  # 4 KiB > 1 
 )
 def test_refusals(
     ssefan: SsefanProcess,
-    shared_upstream: FakeUpstream,
+    stream_upstream: FakeUpstream,
     witness: SSEClient,
     conn: RawConnection,
     pieces: list[bytes],
@@ -285,7 +276,7 @@ def test_refusals(
         # Keep-alive: the same connection still answers.
         conn.send(request("GET", "/nope-again"))
         assert conn.read_response().status == 404
-    assert_still_streaming(shared_upstream, witness)
+    assert_still_streaming(stream_upstream, witness)
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +359,7 @@ def _assert_refused(proc: SsefanProcess, path: str) -> None:
 
 
 def test_route_max_clients(
-    ssefan: SsefanProcess, shared_upstream: FakeUpstream, witness: SSEClient
+    ssefan: SsefanProcess, stream_upstream: FakeUpstream, witness: SSEClient
 ) -> None:
     clients = [_connect(ssefan, "/limited") for _ in range(2)]
     try:
@@ -380,9 +371,9 @@ def test_route_max_clients(
         assert other.status == 200
         _admitted_after_leave(ssefan, "/limited", clients)
         _assert_refused(ssefan, "/limited")
-        assert_still_streaming(shared_upstream, witness)
+        assert_still_streaming(stream_upstream, witness)
         for client in clients:
-            assert_still_streaming(shared_upstream, client)
+            assert_still_streaming(stream_upstream, client)
     finally:
         for client in clients:
             client.close()
@@ -488,7 +479,7 @@ def _tokens(value: str) -> set[str]:
 )
 def test_cors(
     ssefan: SsefanProcess,
-    shared_upstream: FakeUpstream,
+    stream_upstream: FakeUpstream,
     witness: SSEClient,
     conn: RawConnection,
     method: str,
@@ -515,7 +506,7 @@ def test_cors(
         }
     if status == 200:
         assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
-    assert_still_streaming(shared_upstream, witness)
+    assert_still_streaming(stream_upstream, witness)
 
 
 @pytest.mark.parametrize("method", ["GET", "OPTIONS"])
@@ -528,14 +519,14 @@ def test_no_cors_headers_without_cors_config(conn: RawConnection, method: str) -
 
 
 def test_tcp_reset_does_not_disturb(
-    ssefan: SsefanProcess, shared_upstream: FakeUpstream, witness: SSEClient
+    ssefan: SsefanProcess, stream_upstream: FakeUpstream, witness: SSEClient
 ) -> None:
     """A client that resets mid-request (SO_LINGER 0) is a non-event for others."""
     sock = socket.create_connection((ssefan.host, ssefan.port))
     sock.sendall(b"GET /events HTTP/1.1\r\nHo")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sock.close()
-    assert_still_streaming(shared_upstream, witness)
+    assert_still_streaming(stream_upstream, witness)
 
 
 # --------------------------------------------------------------------------- bodies we don't read
@@ -559,7 +550,7 @@ def test_tcp_reset_does_not_disturb(
 )
 def test_a_body_still_coming_after_the_answer_is_not_waited_for(
     ssefan: SsefanProcess,
-    shared_upstream: FakeUpstream,
+    stream_upstream: FakeUpstream,
     witness: SSEClient,
     conn: RawConnection,
     head: bytes,
@@ -572,7 +563,7 @@ def test_a_body_still_coming_after_the_answer_is_not_waited_for(
     # Nothing else would end it: the head timer stops at the head, and the
     # keep-alive timer starts only after a whole request. Lingering takes 2 s.
     conn.wait_closed(5.0)
-    assert_still_streaming(shared_upstream, witness)
+    assert_still_streaming(stream_upstream, witness)
 
 
 # --------------------------------------------------------------------------- path spellings

@@ -74,24 +74,6 @@ PROXY = {
 REQUEST_ID = re.compile(r"[0-9a-f]{16}")
 
 
-@pytest.fixture(scope="module")
-def app() -> Iterator[TestApp]:
-    server = TestApp().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def stream_upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def _start(
     tmp_path_factory: pytest.TempPathFactory, app_url: str, upstream: FakeUpstream, **top: object
 ) -> SsefanProcess:
