@@ -94,8 +94,11 @@ class RouteConfig:
     # None: heartbeats are SSE comments (invisible to EventSource). A name: a
     # named event with empty data, for clients that must see liveness.
     heartbeat_event: str | None = None
-    # `retry:` hint (ms) sent to each client on connect; None sends none.
-    retry: int | None = None
+    # `retry:` (ms) sent to each client when its stream opens. Browsers keep
+    # the last `retry:` they saw for the EventSource's whole life, so every
+    # stream starts with this one: a refusal's longer, jittered `retry:` must
+    # not stick to the page. 3 s is Chromium's own default. None sends none.
+    retry: int | None = 3000
     # "eager": subscribe at start, keep the ring warm. "lazy": subscribe on the
     # first client, unsubscribe `linger` seconds after the last one leaves.
     mode: Literal["eager", "lazy"] = "eager"
@@ -112,6 +115,17 @@ class RouteConfig:
     cors: CorsConfig | None = None
     # Forward-auth: ask the app who may listen before a stream opens.
     auth: AuthConfig | None = None
+    # How a stream refused for a *temporary* reason (drain, max_clients, auth
+    # unavailable) is answered. "retry": a short `200 text/event-stream` with a
+    # jittered `retry:` and an `ssefan-retry` event, because an EventSource
+    # that gets any non-200 closes for good (WHATWG HTML §9.2.2). "status": a
+    # plain 503 with Retry-After, for SDKs and scripts that read statuses.
+    refuse: Literal["retry", "status"] = "retry"
+    # Refuse (404) rather than pass to the app a path that is this route's
+    # path in another case or with encoded NUL/control bytes: an app that
+    # routes case-insensitively would serve its own stream past the fan-out
+    # and past forward-auth.
+    protect_variants: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -222,6 +236,7 @@ _Mode = Literal["eager", "lazy"]
 _OnGap = Literal["replay", "live"]
 _MODES: tuple[_Mode, ...] = ("eager", "lazy")
 _ON_GAP: tuple[_OnGap, ...] = ("replay", "live")
+_REFUSE: tuple[Literal["retry", "status"], ...] = ("retry", "status")
 
 _CONFIG_KEYS = (
     "listen",
@@ -256,6 +271,8 @@ _ROUTE_KEYS = (
     "max_client_lag_bytes",
     "cors",
     "auth",
+    "refuse",
+    "protect_variants",
 )
 _UPSTREAM_KEYS = (
     "url",
@@ -865,6 +882,8 @@ def _read_route(reader: _Reader, raw: object, path: str) -> RouteConfig | None:
         max_client_lag_bytes=section.get("max_client_lag_bytes", _size(), d.max_client_lag_bytes),
         cors=section.nested("cors", _read_cors, d.cors),
         auth=section.nested("auth", _read_auth, d.auth),
+        refuse=section.get("refuse", _choice(_REFUSE), d.refuse),
+        protect_variants=section.get("protect_variants", _boolean, d.protect_variants),
     )
     _check_start_fits(reader, section.path_of("start"), route)
     return None if route_path is None or upstream is None else route
