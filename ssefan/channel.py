@@ -306,6 +306,9 @@ class Channel:
         """A new upstream response began: it may replay events we hold."""
         self._dedupe = True
 
+    def upstream_disconnected(self) -> None:
+        """The upstream connection ended or failed; a reconnect will follow."""
+
     def upstream_stopped(self) -> None:
         """The app answered 204: end every stream; new clients get 204 too."""
         self.stopped_by_upstream = True

@@ -56,6 +56,8 @@ class Sink(Protocol):
 
     def upstream_connected(self) -> None: ...
 
+    def upstream_disconnected(self) -> None: ...
+
     def upstream_stopped(self) -> None: ...
 
 
@@ -163,6 +165,10 @@ class Upstream:
                 self.last_error = f"internal error: {type(exc).__name__}: {exc}"
                 log.exception("route=%s upstream=%s internal error", self.route, self.config.url)
                 stop = False
+            # Whatever ended this attempt, the next response may open with a
+            # replay of events the app already produced (the sink must not take
+            # them for live ones).
+            self.sink.upstream_disconnected()
             if stop:
                 log.warning(
                     "route=%s upstream=%s answered 204: streams end, no reconnect "
