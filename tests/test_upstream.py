@@ -426,6 +426,8 @@ class NullSink:
 
     def upstream_connected(self) -> None: ...
 
+    def upstream_disconnected(self) -> None: ...
+
     def upstream_stopped(self) -> None: ...
 
 
@@ -470,6 +472,9 @@ class _FlakySink:
                 self.upstream_last_id = item.id or self.upstream_last_id
 
     def upstream_connected(self) -> None:
+        pass
+
+    def upstream_disconnected(self) -> None:
         pass
 
     def upstream_stopped(self) -> None:
