@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Literal, TypeVar
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
+from yaml.reader import ReaderError
 
 from .paths import routing_path
 
@@ -227,7 +228,8 @@ class Config:
 
 # ---------------------------------------------------------------------------
 # Loading: YAML text -> Config. Every problem is collected and reported at
-# once, each as "<file>: <key path>: <what was expected>, got <what was there>".
+# once, each as "<file>:<line>: <key path>: <what was expected>, got <what was
+# there>", the line being the key's (YAML syntax errors: "<file>: line L, column C").
 # ---------------------------------------------------------------------------
 
 _T = TypeVar("_T")
@@ -468,9 +470,33 @@ def _size_unit_hint(number: str, unit: str) -> str:
 # --- YAML -------------------------------------------------------------------
 
 
-class _DuplicateKeyLoader(yaml.SafeLoader):
+class _Mapping(dict[object, object]):
+    """A YAML mapping that remembers the line (from 1) of itself and of each key,
+    so a problem found while reading can name the line to edit."""
+
+    __slots__ = ("key_lines", "line")
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.key_lines: dict[object, int] = {}
+
+
+class _Sequence(list[object]):
+    """A YAML sequence that remembers the line (from 1) of itself and of each item."""
+
+    __slots__ = ("item_lines", "line")
+
+    def __init__(self, line: int) -> None:
+        super().__init__()
+        self.line = line
+        self.item_lines: list[int] = []
+
+
+class _ConfigLoader(yaml.SafeLoader):
     """yaml.SafeLoader (same safety as yaml.safe_load) that also notes duplicate
-    keys, which plain YAML loading resolves silently by keeping the last one."""
+    keys, which plain YAML loading resolves silently by keeping the last one, and
+    builds mappings and sequences that remember their lines (_Mapping, _Sequence)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -491,19 +517,44 @@ class _DuplicateKeyLoader(yaml.SafeLoader):
                 first_seen[identity] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
+    def construct_marked_mapping(self, node: yaml.MappingNode) -> Iterator[_Mapping]:
+        # A generator, like SafeConstructor.construct_yaml_map: the empty mapping
+        # is handed out first so that aliases to it (even recursive ones) resolve.
+        data = _Mapping(node.start_mark.line + 1)
+        yield data
+        data.update(self.construct_mapping(node))
+        # construct_mapping has flattened `<<` merges into node.value, merged keys
+        # first: the last node of each key is the one whose value the dict kept.
+        for key_node, _ in node.value:
+            data.key_lines[self.construct_object(key_node)] = key_node.start_mark.line + 1
+
+    def construct_marked_sequence(self, node: yaml.SequenceNode) -> Iterator[_Sequence]:
+        data = _Sequence(node.start_mark.line + 1)
+        yield data
+        data.extend(self.construct_sequence(node))
+        data.item_lines.extend(item.start_mark.line + 1 for item in node.value)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:map", _ConfigLoader.construct_marked_mapping)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:seq", _ConfigLoader.construct_marked_sequence)
+
 
 def _parse_yaml(text: str, reader: _Reader) -> object:
     """The YAML document; a syntax error ends reading, a duplicate key is reported."""
-    loader = _DuplicateKeyLoader(text)
+    loader: _ConfigLoader | None = None
     try:
+        # The constructor already reads the text (and refuses control characters).
+        loader = _ConfigLoader(text)
         document: object = loader.get_single_data()
     except yaml.YAMLError as err:
         raise ConfigError([_yaml_problem(err, reader.source, text)]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+    reader.document = document
     for key, mark, first in sorted(loader.duplicates, key=lambda dup: dup[1].index):
-        reader.report(
-            _where(mark),
+        reader.report_at(
+            mark,
             f"duplicate key {_show(key)} (first at {_where(first)});"
             " YAML would silently keep only the last one, so remove one of them",
         )
@@ -516,38 +567,285 @@ def _where(mark: yaml.Mark) -> str:
 
 
 def _yaml_problem(err: yaml.YAMLError, source: str, text: str) -> str:
+    if isinstance(err, ReaderError) and isinstance(err.position, int):
+        return f"{source}: {_text_position(text, err.position)}: invalid YAML: " + (
+            _explain_reader_error(err) or str(err.reason)
+        )
     if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
         return f"{source}: invalid YAML: {err}"
     mark = err.problem_mark
-    message = f"{source}: {_where(mark)}: invalid YAML: {err.problem}"
-    if err.context and err.context_mark is not None and err.context_mark != mark:
-        message += f" ({err.context} that started at {_where(err.context_mark)})"
-    return message + _yaml_hint(err.problem or "", text, mark.line)
+    explained = _explain_yaml(err, mark, text.splitlines())
+    if explained is None:
+        # Not one we know: PyYAML's own words, still with where it happened.
+        explained = err.problem or ""
+        if err.context and err.context_mark is not None and err.context_mark != mark:
+            explained += f" ({err.context} that started at {_where(err.context_mark)})"
+    return f"{source}: {_where(mark)}: invalid YAML: {explained}"
 
 
-def _yaml_hint(problem: str, text: str, line_number: int) -> str:
-    lines = text.splitlines()
-    line = lines[line_number] if line_number < len(lines) else ""
+def _text_position(text: str, index: int) -> str:
+    """`_where` for an index into the text (a ReaderError carries no Mark)."""
+    line = text.count("\n", 0, index) + 1
+    column = index - (text.rfind("\n", 0, index) + 1) + 1
+    return f"line {line}, column {column}"
+
+
+def _explain_reader_error(err: ReaderError) -> str | None:
+    code = err.character if isinstance(err.character, int) else None
+    if code is None:
+        return None
+    # YAML 1.1 §5.1: only printable characters may appear in a YAML stream.
+    return (
+        f"the control character U+{code:04X} cannot appear in YAML: delete it"
+        f' (inside double quotes it may be written as an escape, e.g. "\\x{code:02x}")'
+        if code < 0x100
+        else f"the character U+{code:04X} cannot appear in YAML: delete it"
+    )
+
+
+# Tokens PyYAML names in "expected <block end>, but found X" when a line starts
+# at an indentation that no open mapping or list has.
+_LINE_START_TOKENS = (
+    "'<block mapping start>'",
+    "'<block sequence start>'",
+    "'<scalar>'",
+    "'?'",
+    "'<alias>'",
+    "'<anchor>'",
+    "'<tag>'",
+)
+_INDENT_HINT = "indent each key of a mapping by the same number of spaces (no tabs)"
+
+
+def _explain_yaml(err: yaml.MarkedYAMLError, mark: yaml.Mark, lines: list[str]) -> str | None:
+    """PyYAML's complaint in plain words, with what to change; None if not a known one."""
+    problem, context, start = err.problem or "", err.context or "", err.context_mark
+    line = _line(lines, mark)
+    started = f" at {_where(start)}" if start is not None else ""
+    opening = _line(lines, start)[start.column : start.column + 1] if start is not None else ""
     if "'\\t'" in problem:
-        return "; indent with spaces: YAML does not allow tabs"
+        return "a tab character: YAML does not allow tabs for indentation; indent with spaces"
     if re.match(r"\s*[\w-]+:\s*\[[0-9A-Fa-f:.]*\]:", line):
-        return '; quote bracketed IPv6 addresses, e.g. listen: "[::1]:8080"'
-    return ""
+        return (
+            'a value that starts with "[" is a list in YAML:'
+            ' quote bracketed IPv6 addresses, e.g. listen: "[::1]:8080"'
+        )
+    if problem == "mapping values are not allowed here":
+        return _explain_colon(mark, line, lines)
+    if problem.startswith("expected <block end>, but found "):
+        return _explain_block_end(problem, mark, line, lines, start)
+    if context in ("while parsing a flow sequence", "while parsing a flow mapping"):
+        kind, close = ("list", "]") if "sequence" in context else ("mapping", "}")
+        if problem.endswith("'<stream end>'"):
+            return (
+                f'the {kind} opened with "{opening}"{started} is never closed:'
+                f' end it with "{close}"'
+            )
+        return (
+            f'the {kind} opened with "{opening}"{started} is not closed where expected:'
+            f' separate its items with "," and end it with "{close}";'
+            ' quote items that contain ": " or " #"'
+        )
+    if problem == "expected the node content, but found '<stream end>'":
+        return (
+            "the file ends where a value was expected:"
+            ' close the "[" or "{" opened above, or finish the value'
+        )
+    if context == "while scanning a quoted scalar":
+        return (
+            f"the quoted value that starts with {opening}{started} has no closing {opening}:"
+            f" add {opening} at the end of the value"
+        )
+    escape = re.fullmatch(r"found unknown escape character '(.*)'", problem)
+    if escape:
+        return (
+            f'inside double quotes "\\" starts an escape and "\\{escape[1]}" is not one:'
+            ' put the value in single quotes instead, or write each "\\" as "\\\\"'
+        )
+    if context in ("while scanning an alias", "while scanning an anchor"):
+        sign, name = (
+            ("*", "an alias (a reference to an anchor)")
+            if "alias" in context
+            else ("&", "an anchor")
+        )
+        return (
+            f'"{sign}" at the start of a value makes it {name} in YAML:'
+            f' quote the value, e.g. "{sign}"'
+        )
+    alias = re.fullmatch(r"found undefined alias '(.*)'", problem)
+    if alias:
+        return (
+            f'"*{alias[1]}" refers to an anchor "&{alias[1]}" that is not defined above it:'
+            f' define the anchor first, or quote the value if "*" is meant literally'
+        )
+    anchor = re.fullmatch(r"found duplicate anchor '(.*)'; first occurrence", context)
+    if anchor:
+        return (
+            f'the anchor "&{anchor[1]}" is defined twice (first{started}):'
+            " give each anchor its own name"
+        )
+    reserved = re.fullmatch(r"found character '(.)' that cannot start any token", problem)
+    if reserved:
+        return (
+            f'a value cannot start with "{reserved[1]}" in YAML (it is reserved): quote the value'
+        )
+    if context == "while scanning a simple key" and start is not None:
+        text = _line(lines, start).strip()
+        return (
+            f'line {start.line + 1} ({_show(text)}) has no ":" after its key:'
+            ' write it as "key: value", or "key:" with the value indented on the lines below'
+        )
+    if context == "expected a single document in the stream":
+        return 'a second YAML document starts here ("---"): keep one document in the file'
+    tag = re.fullmatch(r"could not determine a constructor for the tag '(.*)'", problem)
+    if tag:
+        shown = tag[1].replace("tag:yaml.org,2002:", "!!")
+        return (
+            f"the tag {_show(shown)} asks for an object, not plain data, and ssefan reads"
+            " plain data only (YAML safe loading): remove the tag"
+        )
+    if problem == "found unhashable key":
+        return 'a list or mapping is used as a key: keys are plain names, like "path"'
+    if context == "while scanning a block scalar":
+        return (
+            'only "+", "-" or an indentation digit may follow "|" or ">" on its line:'
+            " start the text on the next line, or quote the value"
+        )
+    return None
+
+
+def _line(lines: list[str], mark: yaml.Mark) -> str:
+    # A mark may sit just past the last line (the end of the stream).
+    return lines[mark.line] if mark.line < len(lines) else ""
+
+
+def _key_column(line: str) -> int:
+    """Where a line's key starts: after its indentation and any "- " list markers."""
+    match = re.match(r"(?:[ ]*-[ ]+)*[ ]*", line)
+    return match.end() if match else 0
+
+
+def _line_above(lines: list[str], index: int) -> int | None:
+    """The nearest line above `index` that holds something other than a comment."""
+    for above in range(min(index, len(lines)) - 1, -1, -1):
+        content = lines[above].strip()
+        if content and not content.startswith("#"):
+            return above
+    return None
+
+
+def _explain_colon(mark: yaml.Mark, line: str, lines: list[str]) -> str:
+    # ": " where YAML is reading a value. Three usual causes: the value itself
+    # holds ": "; the line is indented deeper than its key, so it continues the
+    # value above; or the line above lacks its ":", so both are one text.
+    before = line[: mark.column]
+    if re.search(r":\s", before):
+        key, _, value = line.strip().partition(": ")
+        value = value.split(" #")[0].strip()
+        quoted = f"'{value}'" if '"' in value else f'"{value}"'
+        return (
+            f'this value contains ": ", which YAML reads as the start of another key:'
+            f" put the value in quotes, e.g. {key}: {quoted}"
+        )
+    above = _line_above(lines, mark.line)
+    if above is not None and _key_column(line) > _key_column(lines[above]):
+        return (
+            f"this line is indented deeper than the key on line {above + 1}, so YAML reads it"
+            f" as more of that key's value: {_INDENT_HINT}"
+        )
+    if above is not None and not re.search(r":(\s|$)", lines[above]):
+        return (
+            f'line {above + 1} has no ":" after its key, so YAML reads it and this line as'
+            ' one text: write it as "key: value"'
+        )
+    return (
+        f'a key (": ") is not allowed here: quote the value if it contains ": ", and {_INDENT_HINT}'
+    )
+
+
+def _explain_block_end(
+    problem: str, mark: yaml.Mark, line: str, lines: list[str], start: yaml.Mark | None
+) -> str | None:
+    found = problem.removeprefix("expected <block end>, but found ")
+    opened = _line(lines, start)[start.column :] if start is not None else ""
+    if found == "'-'":
+        if start is not None and re.match(r"-[^\s-]", opened):
+            return (
+                f"line {start.line + 1} starts with {_show(opened.split(':')[0])},"
+                ' which YAML reads as a key: put a space after "-" to make it a list item'
+            )
+        return (
+            'a list item ("- ") where a key was expected: a list must be the value of a key,'
+            ' indented under "key:"'
+        )
+    at_line_start = mark.column in (len(line) - len(line.lstrip(" ")), _key_column(line))
+    if found in _LINE_START_TOKENS and at_line_start:
+        spaces = len(line) - len(line.lstrip(" "))
+        return (
+            f"the indentation of this line ({spaces} space{'' if spaces == 1 else 's'})"
+            f" does not match the lines above it: {_INDENT_HINT}"
+        )
+    if found == "'<scalar>'" and re.search(r"[\"']\s*$", line[: mark.column]):
+        return "text follows the closing quote of a value: put the whole value inside the quotes"
+    if found in ("']'", "'}'"):
+        bracket = found[1]
+        return f'a "{bracket}" that closes nothing: remove it, or quote the value'
+    return None
 
 
 # --- reading sections ---------------------------------------------------------
 
 
+# One step of a key path as _join and the list readers write it: `.key` (or a
+# leading `key`), `["quoted key"]` (JSON), or `[index]`.
+_PATH_STEP = re.compile(
+    r'\.?(?P<key>[A-Za-z_][A-Za-z0-9_-]*)|\[(?P<index>[0-9]+)\]|\[(?P<quoted>"(?:[^"\\]|\\.)*")\]'
+)
+
+
 class _Reader:
-    """Collects problems while the document is read, naming file and key path."""
+    """Collects problems while the document is read, naming file, line and key path."""
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.problems: list[str] = []
+        # The parsed document, whose _Mapping/_Sequence values know their lines.
+        self.document: object = None
 
-    def report(self, path: str, message: str) -> None:
-        where = f"{self.source}: {path}:" if path else f"{self.source}:"
-        self.problems.append(f"{where} {message}")
+    def report(self, path: str, message: str, *, at: str | None = None) -> None:
+        """`source:line: path: message`; the line is that of `at` (default: `path`)."""
+        line = self.line_of(path if at is None else at)
+        where = self.source if line is None else f"{self.source}:{line}"
+        self.problems.append(f"{where}: {path}: {message}" if path else f"{where}: {message}")
+
+    def report_at(self, mark: yaml.Mark, message: str) -> None:
+        """A problem at a place in the text rather than at a key path."""
+        self.problems.append(f"{self.source}: {_where(mark)}: {message}")
+
+    def line_of(self, path: str) -> int | None:
+        """The line of the key or item at `path`; for one that is not in the file
+        (a missing key), the line of the nearest enclosing key or item that is."""
+        node = self.document
+        line = node.line if isinstance(node, _Mapping | _Sequence) else None
+        position = 0
+        while position < len(path):
+            step = _PATH_STEP.match(path, position)
+            if step is None:
+                break
+            position = step.end()
+            if isinstance(node, _Sequence) and step["index"] is not None:
+                index = int(step["index"])
+                if index >= len(node.item_lines):
+                    break
+                line, node = node.item_lines[index], node[index]
+            elif isinstance(node, _Mapping) and step["index"] is None:
+                found = _key_named(node, step["key"] or json.loads(step["quoted"]))
+                if found is None:
+                    break
+                line, node = node.key_lines[found[0]], node[found[0]]
+            else:
+                break
+        return line
 
     def section(
         self,
@@ -607,6 +905,14 @@ class _Section:
             return default
         value = read(self.reader, raw, self.path_of(key))
         return default if value is None else value
+
+
+def _key_named(mapping: _Mapping, name: str) -> tuple[object] | None:
+    """The key _join wrote as `name` (it writes keys with str(): `8080:` is "8080"),
+    in a 1-tuple so that a null key is told apart from no key."""
+    if name in mapping.key_lines:
+        return (name,)
+    return next(((key,) for key in mapping.key_lines if str(key) == name), None)
 
 
 def _join(path: str, key: str) -> str:
@@ -727,6 +1033,8 @@ def _check_shutdown(reader: _Reader, section: _Section, config: Config) -> None:
             f"expected more than drain_window ({_format_duration(config.drain_window)}),"
             f" got {_format_duration(config.shutdown_timeout)}:"
             " the streams must be drained before the deadline",
+            # An unset shutdown_timeout is the default: the line to change is drain_window's.
+            at=section.path_of(_written("shutdown_timeout", section, "drain_window")),
         )
 
 
@@ -940,13 +1248,20 @@ def _check_upstream_limits(reader: _Reader, section: _Section, upstream: Upstrea
             section.path_of("backoff_max"),
             f"expected at least backoff_base ({_format_duration(upstream.backoff_base)}),"
             f" got {_format_duration(upstream.backoff_max)}",
+            at=section.path_of(_written("backoff_max", section, "backoff_base")),
         )
     if upstream.max_line_bytes > upstream.max_event_bytes:
         reader.report(
             section.path_of("max_line_bytes"),
             f"expected at most max_event_bytes ({_format_size(upstream.max_event_bytes)}),"
             f" got {_format_size(upstream.max_line_bytes)}: a line is part of an event",
+            at=section.path_of(_written("max_line_bytes", section, "max_event_bytes")),
         )
+
+
+def _written(key: str, section: _Section, other: str) -> str:
+    """`key` if the file sets it, else `other`: the line a cross-check points at."""
+    return key if key in section.values else other
 
 
 def _read_headers(reader: _Reader, raw: object, path: str) -> tuple[tuple[str, str], ...] | None:
@@ -999,10 +1314,16 @@ def _header_value_problem(value: object) -> str | None:
     return None
 
 
+_START_EXPECTED = '"live", {events: N} or {age: DURATION}'
+
+
 def _read_start(reader: _Reader, raw: object, path: str) -> StartConfig | None:
     if raw == "live":
         return StartConfig(kind="live")
-    section = reader.section(raw, path, _START_KEYS, '"live", {events: N} or {age: DURATION}')
+    if isinstance(raw, str):
+        reader.report(path, f"expected {_START_EXPECTED}, got {_show(raw)}{_start_hint(raw)}")
+        return None
+    section = reader.section(raw, path, _START_KEYS, _START_EXPECTED)
     if section is None:
         return None
     given = [key for key in _START_KEYS if key in section.values]
@@ -1015,6 +1336,16 @@ def _read_start(reader: _Reader, raw: object, path: str) -> StartConfig | None:
         return None if count is None else StartConfig(kind="events", count=count)
     age = section.get("age", _duration(positive=True), None)
     return None if age is None else StartConfig(kind="age", age=age)
+
+
+def _start_hint(word: str) -> str:
+    # `start: events` (the key written as the value) or a mistyped "live".
+    close = difflib.get_close_matches(word, ("live", *_START_KEYS), n=1)
+    if not close:
+        return ""
+    if close[0] == "live":
+        return '; did you mean "live"?'
+    return f"; did you mean {{{close[0]}: {'N' if close[0] == 'events' else 'DURATION'}}}?"
 
 
 def _check_start_fits(reader: _Reader, path: str, route: RouteConfig) -> None:
@@ -1164,8 +1495,11 @@ def _size() -> Callable[[object], int]:
 
 def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
-        unquote = "; remove the quotes" if value in ("true", "false") else ""
-        raise _BadValue(f"expected true or false, got {_show(value)}{unquote}")
+        if value in ("true", "false"):
+            hint = "; remove the quotes"
+        else:
+            hint = _did_you_mean(value, ("true", "false"), quote=False)
+        raise _BadValue(f"expected true or false, got {_show(value)}{hint}")
     return value
 
 
@@ -1175,9 +1509,22 @@ def _choice(options: tuple[_T, ...]) -> Callable[[object], _T]:
             if value == option:
                 return option
         listed = " or ".join(f'"{option}"' for option in options)
-        raise _BadValue(f"expected {listed}, got {_show(value)}")
+        hint = _did_you_mean(value, tuple(str(option) for option in options))
+        raise _BadValue(f"expected {listed}, got {_show(value)}{hint}")
 
     return convert_choice
+
+
+def _did_you_mean(value: object, options: tuple[str, ...], *, quote: bool = True) -> str:
+    """`; did you mean "eager"?` for a mistyped word, else ""; like unknown keys."""
+    if not isinstance(value, str):
+        return ""
+    # Case first: "Lazy" is closer to "lazy" than difflib's ratio alone says.
+    lowered = [option for option in options if option.lower() == value.lower()]
+    close = lowered or difflib.get_close_matches(value, options, n=1)
+    if not close:
+        return ""
+    return f"; did you mean {_show(close[0]) if quote else close[0]}?"
 
 
 def _listen(value: object) -> ListenConfig:
@@ -1316,7 +1663,10 @@ def _workers(value: object) -> int:
     if value == "auto":
         return os.cpu_count() or 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _BadValue(f'expected an integer >= 1 or "auto" (one per CPU), got {_show(value)}')
+        hint = _did_you_mean(value, ("auto",))
+        raise _BadValue(
+            f'expected an integer >= 1 or "auto" (one per CPU), got {_show(value)}{hint}'
+        )
     return value
 
 
