@@ -28,7 +28,7 @@ from .notify import Notifier, watchdog_interval
 from .pool import ConnectionPool, Origin
 from .proxy import Proxy
 from .server import Server
-from .sockets import LISTEN_BACKLOG, systemd_listener
+from .sockets import LISTEN_BACKLOG, listen_error, systemd_listener
 from .upstream import Upstream, UpstreamState
 from .worker import WorkerEnv
 
@@ -103,13 +103,19 @@ class App:
                 self.server.protocol_factory, sock=sock, backlog=LISTEN_BACKLOG
             )
         else:
-            self.listener = await loop.create_server(
-                self.server.protocol_factory,
-                listen.host,
-                listen.port,
-                backlog=LISTEN_BACKLOG,
-                reuse_address=True,
-            )
+            try:
+                self.listener = await loop.create_server(
+                    self.server.protocol_factory,
+                    listen.host,
+                    listen.port,
+                    backlog=LISTEN_BACKLOG,
+                    reuse_address=True,
+                )
+            except OSError as exc:
+                problem = listen_error("listen", listen.host, listen.port, exc)
+                if problem is None:
+                    raise
+                raise problem from exc
         for channel in self.channels.values():
             channel.start()
         for auth in self.auth.values():
@@ -508,11 +514,17 @@ class _Process:
     async def _announce_ready(self) -> None:
         timeout = self.app.config.ready_timeout
         if not await self.app.wait_ready(timeout):
-            log.warning(
-                "not ready after %gs (%s): reporting ready anyway so the service starts",
-                timeout,
-                "; ".join(self.app.readiness()),
-            )
+            why = "; ".join(self.app.readiness())
+            if self.notifier.enabled and self.worker is None:
+                log.warning(
+                    "not ready after %gs (%s): reporting ready anyway so the service starts",
+                    timeout,
+                    why,
+                )
+            else:
+                # Without systemd nobody waits for READY=1; a worker's supervisor
+                # says it for all of them. The upstream failures are logged already.
+                log.debug("not ready after %gs (%s)", timeout, why)
         self.notifier.ready(self.app.status_line())
 
     # -- signals --------------------------------------------------------------------

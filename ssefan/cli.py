@@ -1,8 +1,12 @@
 """Command line: `ssefan serve | check | demo`.
 
 `main(argv) -> int` returns the exit status instead of exiting, so tests call it
-directly. Exit statuses: 0 ok, 2 bad usage or an invalid config file (the
-convention argparse already uses for usage errors).
+directly. Exit statuses: 0 ok, 2 bad usage, an invalid config file or a
+listen address that can't be bound (the convention argparse already uses for
+usage errors: the command line or the config must change).
+
+Everything printed passes through `logs.redact`, as log lines do: a URL in a
+config ends up in CI logs and terminals' scrollback.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from ssefan import logs
 from ssefan.config import Config, ConfigError, load_config
 from ssefan.logs import LOG_FORMATS
+from ssefan.sockets import ListenError
 from ssefan.worker import inherited_config, log_fields
 
 EXIT_OK = 0
@@ -120,14 +125,31 @@ def _serve(path: str, log_level: str, log_format: str = "text") -> int:
     # Imported here so `check` and `--version` never load the server stack.
     from ssefan.app import serve
 
-    return serve(config)
+    try:
+        return serve(config)
+    except ListenError as err:
+        where = f"set another `{err.setting}:` in {shlex.quote(path)}"
+        return _cannot_listen(err, f"stop what holds it, or {where}" if err.in_use else where)
 
 
 def _demo(host: str, port: int, log_level: str, log_format: str = "text") -> int:
     _configure_logging(log_level, log_format)
     from ssefan.demo import run_demo
 
-    return run_demo(host=host, port=port)
+    try:
+        return run_demo(host=host, port=port)
+    except ListenError as err:
+        if err.in_use:
+            hint = "stop what holds it, or pick another port with --port N (--port 0: any free one)"
+        else:
+            hint = "pick another address with --host, or a port with --port"
+        return _cannot_listen(err, hint)
+
+
+def _cannot_listen(err: ListenError, hint: str) -> int:
+    # One line, no traceback: the address is the user's to change, not a bug.
+    print(logs.redact(f"ssefan: {err}; {hint}"), file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _load_or_report(path: str) -> Config | None:
@@ -139,12 +161,14 @@ def _load_or_report(path: str) -> Config | None:
         return inherited_config(path) or load_config(path)
     except ConfigError as err:
         for problem in err.problems:
-            print(problem, file=sys.stderr)
+            print(logs.redact(problem), file=sys.stderr)
         count = len(err.problems)
         found = f"found {count} problem{'s' if count != 1 else ''}"
         them = "them" if count != 1 else "it"
         print(
-            f"{found}; fix {them} and run 'ssefan check --config {shlex.quote(path)}' again",
+            logs.redact(
+                f"{found}; fix {them} and run 'ssefan check --config {shlex.quote(path)}' again"
+            ),
             file=sys.stderr,
         )
         return None
@@ -153,8 +177,8 @@ def _load_or_report(path: str) -> Config | None:
 def summary(config: Config) -> str:
     """One line: routes with their upstreams, the listen address and the app.
 
-    Redacted as log lines are (credentials in URLs, configured secrets): the
-    output of `ssefan check` ends up in CI logs and terminals' scrollback."""
+    Redacted as log lines are (`logs.redact`, and the config's own secrets):
+    the output of `ssefan check` ends up in CI logs and terminals' scrollback."""
     redact = logs.Redactor()
     redact.add(logs.config_secrets(config))
     count = len(config.routes)

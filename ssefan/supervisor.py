@@ -196,7 +196,15 @@ class Supervisor:
             async with asyncio.timeout(self.config.ready_timeout):
                 await self._until(lambda: not self.readiness())
         if self.readiness():
-            log.warning("not ready: %s; reporting ready anyway", "; ".join(self.readiness()))
+            why = "; ".join(self.readiness())
+            if self.notifier.enabled:
+                log.warning(
+                    "not ready after %gs (%s): reporting ready anyway so the service starts",
+                    self.config.ready_timeout,
+                    why,
+                )
+            else:  # not under systemd: nobody waits for READY=1
+                log.debug("not ready after %gs (%s)", self.config.ready_timeout, why)
         self.notifier.ready(self.status_line())
 
     async def _until(self, condition: Callable[[], bool], tick: float | None = None) -> None:

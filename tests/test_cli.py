@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
+import socket
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,8 +104,8 @@ def test_check_errors_exit_2_with_every_problem(
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [
-        f'{bad}: routes[0].hearbeat: unknown key; did you mean "heartbeat"?',
-        f"{bad}: routes[0].buffer: expected an integer >= 1, got 0",
+        f'{bad}:5: routes[0].hearbeat: unknown key; did you mean "heartbeat"?',
+        f"{bad}:6: routes[0].buffer: expected an integer >= 1, got 0",
         f"found 2 problems; fix them and run 'ssefan check --config {bad}' again",
     ]
 
@@ -131,9 +134,9 @@ def test_check_reports_problems_in_the_operational_keys(
     path.write_text(GOOD + "admin: {listen: 127.0.0.1:8080}\nshutdown_timeout: 10s\n")
     assert main(["check", "--config", str(path)]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"{path}: shutdown_timeout: expected more than drain_window (10s), got 10s:"
+        f"{path}:9: shutdown_timeout: expected more than drain_window (10s), got 10s:"
         " the streams must be drained before the deadline",
-        f"{path}: admin.listen: 127.0.0.1:8080 is the same address as listen;"
+        f"{path}:8: admin.listen: 127.0.0.1:8080 is the same address as listen;"
         " give the admin endpoints a port of their own",
         f"found 2 problems; fix them and run 'ssefan check --config {path}' again",
     ]
@@ -293,3 +296,94 @@ def test_check_summary_redacts_credentials_as_logs_do(
     assert "/events -> http://127.0.0.1:8000/events?access_token=*** " not in out
     assert "/events -> http://127.0.0.1:8000/events?access_token=***," in out
     assert out.startswith("ok: 2 routes")
+
+
+def test_check_never_prints_credential_params(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln"
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        "listen: 127.0.0.1:8080\n"
+        "routes:\n"
+        "  - path: /events\n"
+        f"    upstream: 'http://127.0.0.1:8000/events?jwt={jwt}&code=oauth-code-77&topic=news'\n"
+        "  - path: /files\n"
+        "    upstream: 'http://127.0.0.1:8000/f?X-Amz-Signature=amz-sig-88&X-Amz-Expires=60'\n"
+    )
+    assert main(["check", "--config", str(path)]) == 0
+    out, err = capsys.readouterr()
+    for secret in (jwt, "oauth-code-77", "amz-sig-88"):
+        assert secret not in out + err, out
+    assert "/events -> http://127.0.0.1:8000/events?jwt=***&code=***&topic=news," in out
+    assert "/files -> http://127.0.0.1:8000/f?X-Amz-Signature=***&X-Amz-Expires=60)," in out
+
+
+def test_check_problems_never_print_credential_params(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad-url.yaml"
+    path.write_text(
+        "listen: 127.0.0.1:8080\n"
+        "routes:\n"
+        "  - path: /events\n"
+        "    upstream: 'ftp://127.0.0.1:8000/events?jwt=jwt-secret-1&code=code-secret-2'\n"
+        "  - path: /cb\n"
+        "    upstream: 'http://127.0.0.1:8000/cb#access_token=fragment-secret-3'\n"
+    )
+    assert main(["check", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert "ftp://127.0.0.1:8000/events?jwt=***&code=***" in err
+    assert "http://127.0.0.1:8000/cb#access_token=***" in err
+    for secret in ("jwt-secret-1", "code-secret-2", "fragment-secret-3"):
+        assert secret not in out + err, err
+
+
+# --- an address already in use ---------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port this test process listens on (without SO_REUSEPORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("command", "hint"),
+    [
+        pytest.param("serve", "or set another `listen:` in ", id="serve"),
+        pytest.param("serve-workers", "or set another `listen:` in ", id="serve-supervisor"),
+        pytest.param("demo", "pick another port with --port N", id="demo"),
+    ],
+)
+def test_address_in_use_is_one_line_and_exit_2(
+    tmp_path: Path, taken_port: int, command: str, hint: str
+) -> None:
+    workers = "workers: 2\n" if command == "serve-workers" else ""
+    path = tmp_path / "taken.yaml"
+    path.write_text(
+        f"listen: 127.0.0.1:{taken_port}\n{workers}"
+        "routes:\n  - path: /e\n    upstream: http://127.0.0.1:8000/e\n"
+    )
+    if command == "demo":
+        argv = ["demo", "--port", str(taken_port)]
+    else:
+        argv = ["serve", "--config", str(path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "ssefan", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"ssefan: cannot listen on 127.0.0.1:{taken_port}: ")
+    assert "the address is in use" in line
+    # The holder is this test process: /proc names it.
+    assert f"held by pid {os.getpid()} (" in line
+    assert hint in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -9,11 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import FakeUpstream, route_config, wait_until, write_config
-from opsharness import CommandProcess, serve_args
+from harness import FakeUpstream, SsefanProcess, route_config, wait_until, write_config
+from opsharness import CommandProcess, NotifyReceiver, serve_args, short_socket_path
 
 from ssefan.config import parse_config
 from ssefan.logs import JsonFormatter, KeyValueFormatter, Redactor, config_secrets
+from ssefan.supervisor import Supervisor
 
 
 def record(
@@ -134,3 +136,82 @@ def test_journald_stream_is_detected(upstream: FakeUpstream, tmp_path: Path) -> 
             proc.stop()
     first = log_path.read_text().splitlines()[0]
     assert first.startswith("<6>level=info logger=ssefan msg=") and "ts=" not in first
+
+
+# --- "reporting ready anyway" is news for systemd only ----------------------------------
+
+UNDER_SYSTEMD = [
+    pytest.param(True, id="under-systemd"),
+    pytest.param(False, id="no-notify-socket"),
+]
+READY_ANYWAY = ": reporting ready anyway so the service starts"
+
+
+def _notify_env(
+    systemd: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> NotifyReceiver | None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    if not systemd:
+        return None
+    receiver = NotifyReceiver.bind(short_socket_path(tmp_path, "notify.sock"))
+    monkeypatch.setenv("NOTIFY_SOCKET", receiver.address)
+    return receiver
+
+
+@pytest.mark.parametrize("systemd", UNDER_SYSTEMD)
+def test_ready_anyway_is_said_only_under_systemd(
+    upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, systemd: bool
+) -> None:
+    upstream.status = 503  # never ready: the ready timeout runs out
+    config = route_config(upstream)
+    config["ready_timeout"] = "300ms"
+    receiver = _notify_env(systemd, tmp_path, monkeypatch)
+    path = write_config(tmp_path / "s.yaml", config)
+    proc = SsefanProcess(path, args=("--log-level", "debug")).start()
+    try:
+        wait_until(
+            lambda: "not ready after 0.3s (/events upstream" in proc.log_text(),
+            what="the ready timeout's line",
+        )
+        if receiver is not None:
+            receiver.wait_for(lambda m: m.get("READY") == "1", "READY=1 anyway")
+        [line] = [ln for ln in proc.lines if "not ready after" in ln]
+    finally:
+        proc.stop()
+        if receiver is not None:
+            receiver.close()
+    if systemd:
+        assert "level=warning" in line and READY_ANYWAY in line, line
+    else:
+        assert "level=debug" in line, line
+        assert "ready anyway" not in proc.log_text()
+
+
+@pytest.mark.parametrize("systemd", UNDER_SYSTEMD)
+def test_supervisor_says_ready_anyway_only_under_systemd(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    systemd: bool,
+) -> None:
+    receiver = _notify_env(systemd, tmp_path, monkeypatch)
+    text = (
+        "listen: 127.0.0.1:0\nworkers: 2\nready_timeout: 100ms\n"
+        "routes:\n  - path: /e\n    upstream: http://127.0.0.1:1/e\n"
+    )
+    sup = Supervisor(parse_config(text, str(tmp_path / "s.yaml")), text, [])
+    try:
+        with caplog.at_level(logging.DEBUG, logger="ssefan"):
+            asyncio.run(sup._announce_ready())  # no worker ever starts
+        if receiver is not None:
+            receiver.wait_for(lambda m: m.get("READY") == "1", "READY=1 anyway")
+    finally:
+        sup._close()
+        if receiver is not None:
+            receiver.close()
+    [record] = [r for r in caplog.records if r.getMessage().startswith("not ready")]
+    why = "not ready after 0.1s (worker 0 not running; worker 1 not running)"
+    if systemd:
+        assert (record.levelno, record.getMessage()) == (logging.WARNING, why + READY_ANYWAY)
+    else:
+        assert (record.levelno, record.getMessage()) == (logging.DEBUG, why)
