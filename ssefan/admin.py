@@ -11,7 +11,9 @@ a supervisor collects its workers' metrics. One request per connection
     GET /metrics.json  the same families as JSON (what a supervisor merges)
     GET /              status page, updated live from /status
     GET /status        SSE: one JSON event per second with each route's
-                       clients, event rate and upstream state
+                       clients, event rate, upstream state and last upstream
+                       failure (kind, text, count, next attempt), and why
+                       the process is not ready
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from http import HTTPStatus
 from importlib import resources
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import h11
 
 from . import metrics
 from .sse import encode_comment
+from .upstream import Upstream
 
 __all__ = ["Admin", "AdminSource"]
 
@@ -62,6 +65,15 @@ class AdminSource(Protocol):
         ...
 
     def families(self) -> Awaitable[list[metrics.Family]]: ...
+
+
+@runtime_checkable
+class UpstreamsSource(Protocol):
+    """A source that holds its upstreams (an App; a supervisor's are in its
+    workers): the status page then shows each route's last upstream failure."""
+
+    @property
+    def upstreams(self) -> Mapping[str, Upstream]: ...
 
 
 Handler = Callable[[h11.Request], Awaitable[tuple[int, bytes, bytes]]]
@@ -225,6 +237,9 @@ class _StatusFeed:
 
     def _render(self, families: list[metrics.Family]) -> None:
         snapshot = metrics.status(families)
+        snapshot["not_ready"] = self.source.readiness()
+        source = self.source
+        upstreams = source.upstreams if isinstance(source, UpstreamsSource) else {}
         now = time.monotonic()
         routes = snapshot["routes"]
         assert isinstance(routes, list)
@@ -233,6 +248,10 @@ class _StatusFeed:
             if before is not None and now > before[1]:
                 row["rate"] = round((events - before[0]) / (now - before[1]), 2)
             self._previous[row["route"]] = (events, now)
+            upstream = upstreams.get(row["route"])
+            if upstream is not None:
+                row["url"] = upstream.url
+                row["failure"] = _failure_row(upstream)
         self.data = f"data: {json.dumps(snapshot, separators=(',', ':'))}\n\n".encode()
         self.version += 1
         self._wake()
@@ -240,6 +259,21 @@ class _StatusFeed:
     def _wake(self) -> None:
         rendered, self._rendered = self._rendered, asyncio.Event()
         rendered.set()
+
+
+def _failure_row(upstream: Upstream) -> dict[str, object] | None:
+    """The last failure as the status page shows it (None: none yet)."""
+    failure = upstream.last_failure
+    if failure is None:
+        return None
+    return {
+        "kind": failure.kind.value,
+        "text": failure.text,
+        "url": failure.url,
+        "count": failure.count,  # in a row; 0 once streaming again
+        "at": failure.at,  # unix time
+        "next_attempt": failure.next_attempt_wall,  # unix time, or null
+    }
 
 
 async def _drain(writer: asyncio.StreamWriter) -> None:

@@ -4,27 +4,36 @@ Connect, stream, parse, hand batches to the sink; on EOF, error or a silent
 stream (read-idle watchdog) reconnect with exponential backoff and full jitter,
 resuming with Last-Event-ID. A 204 means "stop": the sink ends its streams and
 the upstream is not retried until a reload or restart.
+
+Why the last attempt ended is kept as one `LastFailure` record (its kind, a
+sentence for people, how many attempts in a row failed, when the next one
+is due): /readyz and the status page show it instead of a bare "backoff".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import enum
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
 
 from .config import UpstreamConfig
+from .logs import redact
 from .pool import split_url
 from .sse import Event, IdOnly, Overflow, Parser, resumable_id
 
-__all__ = ["Upstream", "UpstreamState"]
+__all__ = ["FailureKind", "LastFailure", "Upstream", "UpstreamState"]
 
 log = logging.getLogger("ssefan.upstream")
 
@@ -61,8 +70,63 @@ class Sink(Protocol):
     def upstream_stopped(self) -> None: ...
 
 
+class FailureKind(enum.Enum):
+    """Why an upstream attempt ended: what an operator would check first."""
+
+    STATUS = "status"  # the app answered, but not 200 (or 204)
+    CONTENT_TYPE = "content_type"  # 200, but not text/event-stream
+    REFUSED = "refused"  # nothing listens at host:port
+    DNS = "dns"  # the host name does not resolve
+    TLS = "tls"  # handshake or certificate verification failed
+    TIMEOUT = "timeout"  # TCP + TLS took longer than connect_timeout
+    IDLE_TIMEOUT = "idle_timeout"  # a stream with no byte for idle_timeout
+    CLOSED = "closed"  # the connection ended or was reset (also a clean end of stream)
+    PROTOCOL = "protocol"  # the app broke HTTP/1.1
+    NETWORK = "network"  # another socket error: host or network unreachable...
+    INTERNAL = "internal"  # a bug in ssefan (logged with its traceback)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LastFailure:
+    """How the upstream's most recent attempt ended. Kept after recovery
+    (with `count` 0) so the status page can still say what happened last."""
+
+    kind: FailureKind
+    text: str  # one sentence: what was wrong, and what to check
+    url: str  # the upstream URL, credentials redacted
+    count: int  # attempts failed in a row; 0 once a later attempt streams
+    at: float  # time.time() of the failure
+    # When the next attempt is due, set on entering backoff: time.monotonic()
+    # (for "in 0.4s") and time.time() (for a clock time people can compare).
+    next_attempt: float | None = None
+    next_attempt_wall: float | None = None
+
+    def describe(self, state: UpstreamState, now: float | None = None) -> str:
+        """`state` with this failure, in one line without ';' (/readyz joins
+        reasons with it): kind, count, text, URL and the next attempt."""
+        in_a_row = "1 failure" if self.count == 1 else f"{self.count} failures in a row"
+        line = f"{state.value} ({self.kind.value}, {in_a_row}): {self.text}, url {self.url}"
+        if state is UpstreamState.BACKOFF and self.next_attempt is not None:
+            wait = max(0.0, self.next_attempt - (time.monotonic() if now is None else now))
+            line += f", next attempt in {wait:.2f}s"
+            if self.next_attempt_wall is not None:
+                line += f" (at {_clock(self.next_attempt_wall)})"
+        elif state is UpstreamState.CONNECTING:
+            line += f", attempt {self.count + 1} under way"
+        return line
+
+
+def _clock(wall: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class UpstreamFailure(Exception):
     """The app answered, but not with a usable event stream (remote side's fault)."""
+
+    def __init__(self, kind: FailureKind, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
 
 
 def _is_event_stream(content_type: bytes) -> bool:
@@ -89,10 +153,11 @@ class Upstream:
         self.state = UpstreamState.IDLE
         self.on_state = on_state
         self.retry_hint: float | None = None  # seconds, from the upstream's `retry:`
+        self.url = redact(config.url)  # what logs, /readyz and the status page show
         # Counters (rendered by metrics).
         self.connects = 0
         self.failures = 0
-        self.last_error = ""
+        self.last_failure: LastFailure | None = None
         self.streaming_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()
@@ -118,12 +183,51 @@ class Upstream:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _set_state(self, state: UpstreamState) -> None:
+    @property
+    def last_error(self) -> str:
+        """The most recent failure's text ("" if there was none)."""
+        return self.last_failure.text if self.last_failure is not None else ""
+
+    def problem(self) -> str:
+        """Why this upstream is not streaming, for /readyz: the state, and
+        the last failure's kind, text, count and next attempt if any."""
+        failure = self.last_failure
+        if self.state is UpstreamState.STOPPED:
+            return (
+                "stopped: the app answered 204 No Content, so no reconnect until a reload"
+                f" or restart, url {self.url}"
+            )
+        if failure is None or failure.count == 0 or self.state is UpstreamState.STREAMING:
+            return f"{self.state.value}, url {self.url}"
+        return failure.describe(self.state)
+
+    def _set_state(self, state: UpstreamState, *, delay: float | None = None) -> None:
+        """The one place states change. Entering STREAMING ends a run of
+        failures; entering BACKOFF (after `delay` seconds) dates the next attempt."""
+        failure = self.last_failure
+        if failure is not None:
+            if state is UpstreamState.STREAMING:
+                failure = dataclasses.replace(
+                    failure, count=0, next_attempt=None, next_attempt_wall=None
+                )
+            elif state is UpstreamState.BACKOFF and delay is not None:
+                failure = dataclasses.replace(
+                    failure,
+                    next_attempt=time.monotonic() + delay,
+                    next_attempt_wall=time.time() + delay,
+                )
+            self.last_failure = failure
         if state is self.state:
             return
         self.state = state
         if self.on_state is not None:
             self.on_state(state)
+
+    def _failed(self, kind: FailureKind, text: str) -> LastFailure:
+        before = self.last_failure
+        count = before.count + 1 if before is not None else 1
+        self.last_failure = LastFailure(kind, text, self.url, count, time.time())
+        return self.last_failure
 
     # -- the reconnect loop -----------------------------------------------------
 
@@ -145,14 +249,20 @@ class Upstream:
             self.streaming_since = None
             try:
                 stop = await self._stream_once()
+                if not stop:
+                    # WHATWG §9.2.3: a clean end of body means "reconnect". Not
+                    # counted as a failure in the metrics, but /readyz says why
+                    # the route is in backoff.
+                    self._failed(FailureKind.CLOSED, "the app ended the stream")
             except (OSError, TimeoutError, h11.ProtocolError, UpstreamFailure) as exc:
                 self.failures += 1
-                self.last_error = _describe(exc)
+                failure = self._failed(*self._classify(exc))
                 log.warning(
-                    "route=%s upstream=%s failed: %s (attempt %d)",
+                    "route=%s upstream=%s failed: %s (kind=%s, attempt %d)",
                     self.route,
-                    self.config.url,
-                    self.last_error,
+                    self.url,
+                    failure.text,
+                    failure.kind.value,
                     attempt + 1,
                 )
                 stop = False
@@ -162,8 +272,8 @@ class Upstream:
                 # loudly, count it, and carry on through the backoff like any
                 # other failure.
                 self.failures += 1
-                self.last_error = f"internal error: {type(exc).__name__}: {exc}"
-                log.exception("route=%s upstream=%s internal error", self.route, self.config.url)
+                self._failed(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+                log.exception("route=%s upstream=%s internal error", self.route, self.url)
                 stop = False
             # Whatever ended this attempt, the next response may open with a
             # replay of events the app already produced (the sink must not take
@@ -174,7 +284,7 @@ class Upstream:
                     "route=%s upstream=%s answered 204: streams end, no reconnect "
                     "until reload or restart",
                     self.route,
-                    self.config.url,
+                    self.url,
                 )
                 self._set_state(UpstreamState.STOPPED)
                 self.sink.upstream_stopped()
@@ -183,7 +293,7 @@ class Upstream:
                 attempt = 0
             delay = self.backoff_delay(attempt)
             attempt += 1
-            self._set_state(UpstreamState.BACKOFF)
+            self._set_state(UpstreamState.BACKOFF, delay=delay)
             log.info("route=%s reconnecting to upstream in %.2fs", self.route, delay)
             await asyncio.sleep(delay)
 
@@ -206,7 +316,12 @@ class Upstream:
                     limit=READ_SIZE,
                 )
         except TimeoutError:
-            raise UpstreamFailure(f"connect timed out after {cfg.connect_timeout:g}s") from None
+            raise UpstreamFailure(
+                FailureKind.TIMEOUT,
+                f"no connection to {target.host}:{target.port} within"
+                f" {cfg.connect_timeout:g}s (TCP + TLS): is the host up and reachable?"
+                f" (routes[path={self.route}].upstream.connect_timeout)",
+            ) from None
         try:
             return await self._converse(reader, writer)
         finally:
@@ -244,7 +359,7 @@ class Upstream:
                     async with asyncio.timeout(idle):
                         data = await reader.read(READ_SIZE)
                 except TimeoutError:
-                    raise UpstreamFailure(f"no bytes for {idle:g}s (read-idle watchdog)") from None
+                    raise UpstreamFailure(FailureKind.IDLE_TIMEOUT, self._idle_text()) from None
                 conn.receive_data(data)
                 if parser is not None and not self._publish_ready(conn, parser):
                     return False
@@ -268,8 +383,23 @@ class Upstream:
                     return False
                 continue
             if isinstance(event, h11.ConnectionClosed):
-                raise UpstreamFailure("connection closed before a response")
-            raise UpstreamFailure(f"unexpected {type(event).__name__} before the response")
+                raise UpstreamFailure(
+                    FailureKind.CLOSED, "the app closed the connection before answering"
+                )
+            raise UpstreamFailure(
+                FailureKind.PROTOCOL, f"unexpected {type(event).__name__} before the response"
+            )
+
+    def _idle_text(self) -> str:
+        idle = self.config.idle_timeout
+        return (
+            f"no bytes for {idle:g}s (read-idle watchdog,"
+            f" routes[path={self.route}].upstream.idle_timeout = {idle:g}s):"
+            " raise upstream.idle_timeout or have the app send comments"
+            f" (a ':' line) more often than every {idle:g}s."
+            " A threaded app keeps a thread blocked in each abandoned stream"
+            " until it next writes"
+        )
 
     def _publish_ready(self, conn: h11.Connection, parser: Parser) -> bool:
         """Publish everything one read produced as one batch; False if the body ended."""
@@ -301,25 +431,68 @@ class Upstream:
                     self.sink.publish(items)
                 log.info("route=%s upstream ended the stream", self.route)
                 return None
-            raise UpstreamFailure(f"unexpected {type(event).__name__} in the body")
+            raise UpstreamFailure(
+                FailureKind.PROTOCOL, f"unexpected {type(event).__name__} in the body"
+            )
 
     def _check_response(self, response: h11.Response) -> None:
-        if response.status_code != 200:
-            raise UpstreamFailure(f"status {response.status_code} (expected 200)")
+        status = response.status_code
+        if status != 200:
+            try:
+                phrase = f" {HTTPStatus(status).phrase}"
+            except ValueError:
+                phrase = ""
+            raise UpstreamFailure(
+                FailureKind.STATUS,
+                f"status {status}{phrase} (expected 200 with text/event-stream,"
+                " or 204 to stop): check the URL and the app's log",
+            )
         content_type = b""
         for name, value in response.headers:
             if name == b"content-type":
                 content_type = value
         if not _is_event_stream(content_type):
             shown = content_type.decode("latin-1") or "none"
-            raise UpstreamFailure(f"content type {shown!r} (expected text/event-stream)")
+            raise UpstreamFailure(
+                FailureKind.CONTENT_TYPE,
+                f"content type {shown!r} (expected text/event-stream):"
+                " is the URL the app's SSE endpoint, not a page?",
+            )
 
     def _note_retry(self, parser: Parser) -> None:
         if parser.retry is not None:
             self.retry_hint = parser.retry / 1000
 
+    def _classify(self, exc: BaseException) -> tuple[FailureKind, str]:
+        """The kind and a sentence for an exception that ended an attempt."""
+        where = f"{self.origin.host}:{self.origin.port}"
+        if isinstance(exc, UpstreamFailure):
+            return exc.kind, str(exc)
+        # Before OSError: ssl.SSLError and socket.gaierror are OSErrors too.
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            # verify_message is set by OpenSSL's handshake, not by the constructor.
+            why = getattr(exc, "verify_message", None) or exc
+            return FailureKind.TLS, f"TLS certificate of {where} not accepted: {why}"
+        if isinstance(exc, ssl.SSLError):
+            return FailureKind.TLS, (
+                f"TLS handshake with {where} failed ({getattr(exc, 'reason', None) or exc}):"
+                " does it speak TLS on that port (https://)?"
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            return FailureKind.REFUSED, (
+                f"connection refused by {where} ({type(exc).__name__}):"
+                " is the app running and listening there?"
+            )
+        if isinstance(exc, socket.gaierror):
+            return FailureKind.DNS, f"host {self.origin.host!r} does not resolve ({exc.strerror})"
+        if isinstance(exc, ConnectionError):
+            return FailureKind.CLOSED, f"connection to {where} lost ({_name(exc)})"
+        if isinstance(exc, TimeoutError):
+            return FailureKind.TIMEOUT, f"timed out talking to {where} ({_name(exc)})"
+        if isinstance(exc, h11.ProtocolError):
+            return FailureKind.PROTOCOL, f"the app's HTTP/1.1 response is malformed: {exc}"
+        return FailureKind.NETWORK, f"network error with {where} ({_name(exc)})"
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, UpstreamFailure):
-        return str(exc)
+
+def _name(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
