@@ -160,8 +160,10 @@ class App:
         upstream streams (what /readyz and READY=1 report)."""
         if self.listener is None or not self.listener.is_serving():
             return ["not listening"]
+        # Each reason names the route, the state and, after a failure, its
+        # kind, text, count, URL (redacted) and when the next attempt is due.
         return [
-            f"{path} upstream {self.upstreams[path].state.value}"
+            f"{path} upstream {self.upstreams[path].problem()}"
             for path, channel in self.channels.items()
             if channel.route.mode == "eager"
             and self.upstreams[path].state is not UpstreamState.STREAMING
