@@ -331,6 +331,9 @@ class App:
         server = self.server
         if server is not None:
             server.draining = True
+            idle = [c for c in list(server.connections) if c.close_if_idle()]
+            if idle:
+                log.info("closed %d idle keep-alive connections", len(idle))
 
         def opened() -> int:
             # Streams ever opened: moves in the same event-loop step as the subscribe.

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from .config import RouteConfig
+from .refusal import RefusalReason
 from .ring import Ring
 from .sse import (
     Event,
@@ -98,6 +99,7 @@ class ChannelStats:
         "events_received",
         "heartbeats",
         "overflows",
+        "refusals",
         "replay_gaps",
         "replay_hits",
         "replay_misses",
@@ -106,6 +108,8 @@ class ChannelStats:
     def __init__(self) -> None:
         self.connects = 0
         self.disconnects: dict[DisconnectReason, int] = dict.fromkeys(DisconnectReason, 0)
+        # Streams refused for a temporary reason (the client was told to retry).
+        self.refusals: dict[RefusalReason, int] = dict.fromkeys(RefusalReason, 0)
         self.events_received = 0
         self.events_delivered = 0
         self.bytes_out = 0

@@ -160,6 +160,13 @@ def _route(f: _Families, path: str, channel: Channel, upstream: Upstream | None)
     )
     for reason in DisconnectReason:
         disconnects.add({**route, "reason": reason.value}, stats.disconnects[reason])
+    refusals = f.counter(
+        "ssefan_stream_refusals_total",
+        "Stream requests refused for a temporary reason and told to retry, by reason"
+        " (shutting_down, max_clients, auth_unavailable, reconfigured).",
+    )
+    for refusal, count in stats.refusals.items():
+        refusals.add({**route, "reason": refusal.value}, count)
     f.counter("ssefan_events_received_total", "Events taken from the upstream.").add(
         route, stats.events_received
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -32,19 +33,13 @@ from .config import Config
 from .flow import Inbox, WriteGate
 from .forwarding import describe_h11_error, raw_response
 from .paths import routing_path
+from .refusal import RefusalReason, refusal_body
 from .sse import encode_comment, encode_retry
 
 __all__ = ["HTTPConnection", "Server"]
 
 log = logging.getLogger("ssefan.server")
 
-# Clients refused for capacity are told to come back after this long; browsers'
-# EventSource ignores Retry-After and uses its own 3-5 s, SDKs honour it.
-RETRY_AFTER_SECONDS = 5
-# A stream refused because a reload replaced its route (or the route's
-# forward-auth) while forward-auth was deciding: the new settings are already
-# in force, so a retry right away gets a real answer.
-RECONFIGURED_RETRY_AFTER_SECONDS = 1
 # RFC 9112 §9.6: after answering a request whose body was not read (413, a
 # failed upload), close the write side and read (and drop) for this long
 # before closing, or the unread bytes make the kernel send a reset that can
@@ -55,8 +50,12 @@ LINGER_SECONDS = 2.0
 # can't set headers): ours, the camelCase spelling, and the EventSource polyfill's.
 LAST_EVENT_ID_PARAMS = ("last_event_id", "lastEventId", "evs_last_event_id")
 
+_BETWEEN_REQUESTS = frozenset({(h11.IDLE, h11.IDLE), (h11.DONE, h11.DONE)})
+
+# Chromium fails a stream whose charset is anything but UTF-8 (or none).
+STREAM_CONTENT_TYPE = b"text/event-stream; charset=utf-8"
 STREAM_HEADERS: list[tuple[bytes, bytes]] = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"content-type", STREAM_CONTENT_TYPE),
     # no-transform: stops proxies/CDNs from compressing or rewriting the stream.
     (b"cache-control", b"no-cache, no-store, no-transform"),
     # nginx (and proxies that copy it) would otherwise buffer the whole stream.
@@ -86,6 +85,8 @@ class Server:
     auth: dict[str, ForwardAuth] = field(default_factory=dict)
     # Set by App.drain(): the process is shutting down and new streams are refused.
     draining: bool = False
+    # Jitter for refusals' `retry:` values.
+    rng: random.Random = field(default_factory=random.Random)
 
     # Route paths in routing form (see routing_path), and which `channels` they
     # were computed from (the App changes that dict in place on a reload).
@@ -388,8 +389,7 @@ class HTTPConnection(asyncio.Protocol):
                 route.path,
                 route.path,
             )
-            self.server.count_refusal(503)
-            self._answer(UNAVAILABLE, cors_headers)
+            self._refuse(channel, RefusalReason.AUTH_UNAVAILABLE, cors_headers)
             return
         if auth is None:
             self._start_stream(channel, request, query, cors_headers)
@@ -433,17 +433,14 @@ class HTTPConnection(asyncio.Protocol):
             # we waited: neither this decision nor this channel is in force any
             # more (a removed route's channel is closed). The retry meets the
             # new settings.
-            log.info("peer=%s route=%s reconfigured during forward-auth: 503", self.peer, path)
-            server.count_refusal(503)
-            retry = str(RECONFIGURED_RETRY_AFTER_SECONDS).encode("ascii")
-            self.respond(
-                503,
-                f"503 {path} was reconfigured meanwhile, retry\n",
-                [(b"retry-after", retry), *cors_headers],
-            )
+            log.info("peer=%s route=%s reconfigured during forward-auth", self.peer, path)
+            self._refuse(channel, RefusalReason.RECONFIGURED, cors_headers)
             return
-        if decision is None:
-            decision = UNAVAILABLE
+        if decision is None or decision.status == UNAVAILABLE.status:
+            # Unavailable is temporary (timeout, failure, saturation): a retry
+            # the browser follows. 401/403 are final and passed on as they came.
+            self._refuse(channel, RefusalReason.AUTH_UNAVAILABLE, cors_headers)
+            return
         if not decision.admitted:
             server.count_refusal(decision.status)
             self._answer(decision, cors_headers)
@@ -470,7 +467,6 @@ class HTTPConnection(asyncio.Protocol):
 
     def _refused(self, channel: Channel, cors_headers: list[tuple[bytes, bytes]]) -> bool:
         """Answer (and return True) if the route can't take a stream now."""
-        route = channel.route
         if channel.stopped_by_upstream:
             # The app said "stop" (204); pass it on so browsers stop reconnecting.
             self.respond(204, "", cors_headers)
@@ -478,24 +474,48 @@ class HTTPConnection(asyncio.Protocol):
         if self.server.draining:
             # Shutting down: a stream opened now would only be cut; send the
             # client to the next instance after a short pause instead.
-            self.server.count_refusal(503)
-            self.respond(
-                503,
-                "503 shutting down, retry shortly\n",
-                [(b"retry-after", str(RETRY_AFTER_SECONDS).encode("ascii")), *cors_headers],
-            )
+            self._refuse(channel, RefusalReason.SHUTTING_DOWN, cors_headers)
             return True
         if self._over_capacity(channel):
-            self.server.count_refusal(503)
             # Refused at the door: counted per route with the stream endings, as "limit".
             channel.stats.disconnects[DisconnectReason.LIMIT] += 1
-            self.respond(
-                503,
-                f"503 too many clients on {route.path}, retry in {RETRY_AFTER_SECONDS}s\n",
-                [(b"retry-after", str(RETRY_AFTER_SECONDS).encode("ascii")), *cors_headers],
-            )
+            self._refuse(channel, RefusalReason.MAX_CLIENTS, cors_headers)
             return True
         return False
+
+    def _refuse(
+        self,
+        channel: Channel,
+        reason: RefusalReason,
+        cors_headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Refuse a stream for a temporary reason, so that the client retries.
+
+        By default (`refuse: retry`) the answer is a short 200 event stream
+        that EventSource reconnects after (refusal.py says why); `refuse:
+        status` gives SDKs a plain 503 with Retry-After. During a drain the
+        connection closes after it, so nothing reuses it into this process.
+        """
+        route = channel.route
+        channel.stats.refusals[reason] += 1
+        closing = self.server.draining
+        if route.refuse == "status":
+            self.server.count_refusal(503)
+            retry_after = str(reason.retry_after_seconds).encode("ascii")
+            self.respond(
+                503,
+                f"503 {reason.value.replace('_', ' ')} on {route.path}, retry shortly\n",
+                [(b"retry-after", retry_after), *cors_headers],
+                close=closing,
+            )
+            return
+        self.respond(
+            200,
+            refusal_body(reason, self.server.rng),
+            STREAM_HEADERS[1:] + cors_headers,
+            close=closing,
+            content_type=STREAM_CONTENT_TYPE,
+        )
 
     def _start_stream(
         self,
@@ -640,6 +660,26 @@ class HTTPConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self._close()
+
+    def close_if_idle(self) -> bool:
+        """Close a keep-alive connection that is between requests (a drain).
+
+        A request that a browser sends on a reused connection that closes
+        before any response byte is resent on a fresh one (Chromium and
+        Firefox both; RFC 9110 §9.2.2 allows it for GET), so closing idle
+        connections first means no EventSource of theirs meets this process
+        again. Returns True if it closed.
+        """
+        if self.subscriber is not None or self._task is not None or self._closing:
+            return False
+        conn = self.conn
+        # Between requests is IDLE/IDLE, or DONE/DONE before h11 starts the
+        # next cycle (that happens on the next read).
+        between = (conn.their_state, conn.our_state) in _BETWEEN_REQUESTS
+        if not between or conn.trailing_data[0]:
+            return False  # a request is arriving: it gets its (drain) answer
+        self._close()
+        return True
 
     def abort(self) -> None:
         self._closing = True

@@ -6,7 +6,20 @@ from collections.abc import Iterator
 
 import pytest
 from app_server import TestApp
-from harness import FakeUpstream
+from harness import OPEN_SOCKETS, FakeUpstream
+
+
+@pytest.fixture(autouse=True)
+def close_left_sockets() -> Iterator[None]:
+    """Close the client sockets a test opened and left open (see OPEN_SOCKETS).
+
+    Module-scoped fixtures are set up before this one, so their clients are in
+    `before` and stay open for the module's other tests.
+    """
+    before = set(OPEN_SOCKETS)
+    yield
+    for sock in set(OPEN_SOCKETS) - before:
+        sock.close()
 
 
 @pytest.fixture

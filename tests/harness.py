@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,18 @@ from pathlib import Path
 import yaml
 
 DEFAULT_TIMEOUT = 10.0
+
+# Client sockets the helpers opened, so that conftest closes the ones a test
+# left open when it ends: a socket left to the garbage collector raises its
+# ResourceWarning in whichever later test the collection happens to run.
+OPEN_SOCKETS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def connect(host: str, port: int, timeout: float | None = DEFAULT_TIMEOUT) -> socket.socket:
+    """A TCP connection to host:port, closed at the end of the test if not before."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    OPEN_SOCKETS.add(sock)
+    return sock
 
 
 def wait_until(
@@ -359,7 +373,7 @@ class SSEClient:
         method: str = "GET",
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = connect(host, port, timeout)
         version = "HTTP/1.0" if http10 else "HTTP/1.1"
         lines = [f"{method} {path} {version}", f"Host: {host}:{port}", "Accept: text/event-stream"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
@@ -492,6 +506,33 @@ def http_request(host: str, port: int, raw: bytes, timeout: float = DEFAULT_TIME
             body += data
         parts = status_line.split(" ", 2)
         return Response(int(parts[1]), parts[2] if len(parts) > 2 else "", headers, body)
+
+
+def get_stream(host: str, port: int, path: str, headers: dict[str, str] | None = None) -> Response:
+    """A GET of a stream path that expects a finite answer (a refusal or a status)."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Accept: text/event-stream"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return http_request(host, port, ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+
+def refusal_of(response: Response) -> dict[str, object]:
+    """The `ssefan-retry` event of a temporary refusal, checked for the form an
+    EventSource retries: 200 text/event-stream, a finite body, a `retry:` and
+    a named event with the reason (and no `id:` that would move the client's
+    resume point)."""
+    assert response.status == 200, (response.status, response.body)
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert "content-length" in response.headers, "a refusal is a finite body"
+    blocks = [b for b in response.body.decode("utf-8").split("\n\n") if b]
+    fields = [dict(line.split(": ", 1) for line in block.split("\n")) for block in blocks[1:]]
+    assert blocks[0] == ": ssefan", blocks
+    assert len(fields) == 1 and "id" not in fields[0], fields
+    (event,) = fields
+    assert event["event"] == "ssefan-retry", event
+    data = json.loads(event["data"])
+    assert isinstance(data, dict)
+    assert int(event["retry"]) == data["retry_ms"] >= 500
+    return data
 
 
 @contextlib.contextmanager
@@ -727,7 +768,7 @@ class RawConnection:
     """One client connection for hand-written requests and keep-alive checks."""
 
     def __init__(self, host: str, port: int, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = connect(host, port, timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
 

@@ -26,8 +26,10 @@ from harness import (
     RawConnection,
     SSEClient,
     SsefanProcess,
+    get_stream,
     holds_for,
     http_request,
+    refusal_of,
     wait_until,
     write_config,
 )
@@ -58,6 +60,11 @@ def ssefan(
         {"path": "/events", "auth": {**auth, "cache": "30s", "token_param": "token"}},
         {"path": "/revalidated", "auth": {**auth, "cache": "50ms", "revalidate": "300ms"}},
         {"path": "/auth-down", "auth": {"url": f"http://127.0.0.1:{free_port()}/auth"}},
+        {
+            "path": "/auth-down-status",
+            "refuse": "status",
+            "auth": {"url": f"http://127.0.0.1:{free_port()}/auth"},
+        },
         {"path": "/auth-hangs", "auth": {"url": f"{app.url}/slow", "timeout": "500ms"}},
     ]
     config = {
@@ -177,13 +184,21 @@ def test_query_token_is_sent_as_a_header(
         pytest.param("/auth-hangs", AUTH_TIMEOUT + 2, id="no-answer-in-time"),
     ],
 )
-def test_auth_unavailable_is_503(ssefan: SsefanProcess, path: str, max_seconds: float) -> None:
+def test_auth_unavailable_is_a_retry_the_browser_follows(
+    ssefan: SsefanProcess, path: str, max_seconds: float
+) -> None:
     started = time.monotonic()
-    status, headers, body = get(ssefan, path, {"Cookie": f"session={secret('bob')}"})
-    assert status == 503
-    assert headers["retry-after"] == "5"
-    assert body == b"503 authorization is unavailable, retry shortly\n"
+    response = get_stream(ssefan.host, ssefan.port, path, {"Cookie": f"session={secret('bob')}"})
+    assert refusal_of(response)["reason"] == "auth_unavailable"
     assert time.monotonic() - started < max_seconds
+
+
+def test_auth_unavailable_is_503_where_the_route_chose_statuses(ssefan: SsefanProcess) -> None:
+    cookie = {"Cookie": f"session={secret('bob')}"}
+    status, headers, body = get(ssefan, "/auth-down-status", cookie)
+    assert status == 503
+    assert headers["retry-after"] == "8"
+    assert body == b"503 auth unavailable on /auth-down-status, retry shortly\n"
 
 
 def test_decisions_are_cached_per_credential(
@@ -325,7 +340,7 @@ def test_a_spelling_of_a_route_path_streams_that_route(
 
 
 @pytest.mark.parametrize("change", ["route-removed", "auth-replaced"])
-def test_a_reload_while_forward_auth_decides_answers_503_retry(
+def test_a_reload_while_forward_auth_decides_answers_a_retry(
     app: TestApp, stream_upstream: FakeUpstream, tmp_path: Path, change: str
 ) -> None:
     """The decision, and the channel it was for, belong to the config before the
@@ -350,9 +365,7 @@ def test_a_reload_while_forward_auth_decides_answers_503_retry(
         write_config(path, {**config, "routes": routes})
         signal_proc(proc, signal.SIGHUP)
         response = conn.read_response()
-        assert response.status == 503, response
-        assert response.headers["retry-after"] == "1"
-        assert response.body == b"503 /events was reconfigured meanwhile, retry\n"
+        assert refusal_of(response)["reason"] == "reconfigured"
         wait_until(lambda: "reconfigured during forward-auth" in proc.log_text())
     finally:
         app.gates["auth"].set()
@@ -385,7 +398,8 @@ def test_no_credential_reaches_a_log_line(
     try:
         assert [c.status for c in streams] == [200] * 3
         assert get(ssefan, "/events", {"Cookie": f"session={values['denied']}"})[0] == 403
-        assert get(ssefan, "/auth-down", {"Cookie": f"session={values['cookie']}"})[0] == 503
+        cookie = {"Cookie": f"session={values['cookie']}"}
+        assert refusal_of(get_stream(ssefan.host, ssefan.port, "/auth-down", cookie))
         app.auth_rules[values["bearer"]] = 401
         streams[1].read_until_closed(timeout=REVALIDATE * 10)
     finally:

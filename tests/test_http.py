@@ -23,8 +23,10 @@ from harness import (
     RawConnection,
     SSEClient,
     SsefanProcess,
+    get_stream,
     multi_route_config,
     pump_until,
+    refusal_of,
     running_config,
     wait_until,
 )
@@ -38,6 +40,7 @@ ROUTES: list[dict[str, object]] = [
     {"path": "/events", "retry": "2s"},
     {"path": "/plain"},
     {"path": "/limited", "max_clients": 2},
+    {"path": "/limited-status", "max_clients": 2, "refuse": "status"},
     {"path": "/cors-star", "cors": {"allow_origins": ["*"], "max_age": "2m"}},
     {
         "path": "/cors-cred",
@@ -107,7 +110,12 @@ OPENING = b": ssefan\n\n"
     ("path", "headers", "retry"),
     [
         pytest.param("/events", {}, 2000, id="retry-hint-2s"),
-        pytest.param("/plain", {"Accept-Encoding": "gzip, deflate, br"}, None, id="gzip-refused"),
+        pytest.param(
+            "/plain",
+            {"Accept-Encoding": "gzip, deflate, br"},
+            3000,
+            id="gzip-refused-default-retry",
+        ),
     ],
 )
 def test_stream_response_headers_and_opening(
@@ -337,10 +345,10 @@ def _admitted_after_leave(proc: SsefanProcess, path: str, clients: list[SSEClien
 
     def try_once() -> bool:
         client = _connect(proc, path)
-        if client.status == 200:
+        if client.status == 200 and "content-length" not in client.headers:
             admitted.append(client)
             return True
-        assert client.status == 503
+        assert client.status in (200, 503)  # a refusal, either form
         client.close()
         return False
 
@@ -348,29 +356,42 @@ def _admitted_after_leave(proc: SsefanProcess, path: str, clients: list[SSEClien
     clients.extend(admitted)
 
 
-def _assert_refused(proc: SsefanProcess, path: str) -> None:
-    refused = _connect(proc, path)
-    try:
+def _assert_refused(proc: SsefanProcess, path: str, *, status: bool = False) -> None:
+    """A temporary refusal: by default the retry stream EventSource follows;
+    with `refuse: status`, a plain 503 with Retry-After."""
+    refused = get_stream(proc.host, proc.port, path)
+    if status:
         assert refused.status == 503
         assert refused.headers["retry-after"].isdigit()
         assert int(refused.headers["retry-after"]) > 0
-    finally:
-        refused.close()
+    else:
+        assert refusal_of(refused)["reason"] == "max_clients"
 
 
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        pytest.param("/limited", False, id="retry-stream"),
+        pytest.param("/limited-status", True, id="refuse-status"),
+    ],
+)
 def test_route_max_clients(
-    ssefan: SsefanProcess, stream_upstream: FakeUpstream, witness: SSEClient
+    ssefan: SsefanProcess,
+    stream_upstream: FakeUpstream,
+    witness: SSEClient,
+    path: str,
+    status: bool,
 ) -> None:
-    clients = [_connect(ssefan, "/limited") for _ in range(2)]
+    clients = [_connect(ssefan, path) for _ in range(2)]
     try:
         assert [c.status for c in clients] == [200, 200]
-        _assert_refused(ssefan, "/limited")
+        _assert_refused(ssefan, path, status=status)
         # The cap is per route: another route still admits.
         other = _connect(ssefan, "/plain")
         other.close()
         assert other.status == 200
-        _admitted_after_leave(ssefan, "/limited", clients)
-        _assert_refused(ssefan, "/limited")
+        _admitted_after_leave(ssefan, path, clients)
+        _assert_refused(ssefan, path, status=status)
         assert_still_streaming(stream_upstream, witness)
         for client in clients:
             assert_still_streaming(stream_upstream, client)

@@ -13,11 +13,12 @@ from harness import (
     SSEClient,
     SsefanProcess,
     http_request,
+    refusal_of,
     route_config,
     wait_until,
     write_config,
 )
-from opsharness import admin_url, get, scrape, value
+from opsharness import admin_url, get, maybe, scrape, value
 from prometheus_client.parser import text_string_to_metric_families
 
 from ssefan import metrics
@@ -41,7 +42,7 @@ def test_metrics_match_what_happened(upstream: FakeUpstream, tmp_path: Path) -> 
         hit = SSEClient(proc.host, proc.port, headers={"Last-Event-ID": "2"})  # replays 3
         miss = SSEClient(proc.host, proc.port, headers={"Last-Event-ID": "nope"})  # gap, 1..3
         refused = http_request(proc.host, proc.port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert refused.status == 503
+        assert refusal_of(refused)["reason"] == "max_clients"
         upstream.publish("e4", id="4")
         live.read_events(1)
         hit.read_events(2)
@@ -70,7 +71,11 @@ def test_metrics_match_what_happened(upstream: FakeUpstream, tmp_path: Path) -> 
         assert value(m, "ssefan_replays_total", **route, result="miss") == 1
         assert value(m, "ssefan_replays_total", **route, result="gap") == 0
         assert value(m, "ssefan_disconnects_total", **route, reason="slow") == 0
-        assert value(m, "ssefan_refused_total", status="503") == 1
+        # answered 200 + a retry stream, so not counted as a 503
+        assert maybe(m, "ssefan_refused_total", status="503") is None
+        refusals = "ssefan_stream_refusals_total"
+        assert value(m, refusals, **route, reason="max_clients") == 1
+        assert value(m, refusals, **route, reason="shutting_down") == 0
         assert value(m, "ssefan_disconnects_total", **route, reason="limit") == 1
         assert value(m, "ssefan_ring_events", **route) == 4
         assert value(m, "ssefan_ring_bytes", **route) > 4 * len("data: e1\n\n")

@@ -19,6 +19,7 @@ from harness import (
     http_request,
     multi_route_config,
     pump_until,
+    refusal_of,
     route_config,
     wait_until,
     write_config,
@@ -219,7 +220,7 @@ def test_valid_reload_keeps_clients_subscription_and_applies_settings(
         pump_until(client, lambda: "" in client.comments, what="a heartbeat comment")
         # ...and the new limit to new clients.
         refused = http_request(proc.host, proc.port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert refused.status == 503
+        assert refusal_of(refused)["reason"] == "max_clients"
         assert upstream.accepted == 1  # the same subscription all along
         client.close()
     finally:

@@ -43,7 +43,8 @@ def test_reload_that_changes_auth_ends_those_streams_and_keeps_the_others(
     routes: list[dict[str, object]] = [
         {"path": "/open"},
         {"path": "/changed", "auth": auth},
-        {"path": "/kept", "auth": {**auth, "revalidate": "200ms"}},
+        # A `retry:` outside the drain's range, so its last one tells who ended it.
+        {"path": "/kept", "auth": {**auth, "revalidate": "200ms"}, "retry": "9s"},
     ]
     path = write_config(tmp_path / "ssefan.yaml", multi_route_config(upstream, routes))
     proc = SsefanProcess(path).start()
@@ -80,7 +81,7 @@ def test_reload_that_changes_auth_ends_those_streams_and_keeps_the_others(
         assert [e.data for e in kept.read_events(2)] == ["before", "after"]
         app.auth_rules[user] = 403
         kept.read_until_closed()
-        assert kept.retry is None  # revoked by revalidation, not by the reload
+        assert kept.retry == 9000  # revoked by revalidation, not by the reload
         for client in clients:
             client.close()
     finally:
