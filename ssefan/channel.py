@@ -67,6 +67,21 @@ WRITE_LOW_WATER = 16 * 1024
 
 _TERMINAL_CHUNK = b"0\r\n\r\n"
 
+# After an upstream (re)connect that sent a Last-Event-ID, the app may first
+# send the backlog since that id: events published before a new client came.
+# A client without a resume position (`start: live`) that connects while the
+# upstream is down or catching up waits until the backlog has passed, so it
+# starts at the first event after it (see Channel.upstream_connected). The
+# backlog counts as passed once the upstream has been quiet this long after a
+# read (a backlog arrives in back-to-back reads)...
+CATCH_UP_QUIET = 0.05
+# ...or this long after the response began with no read at all (an app that
+# had nothing to replay, or takes a moment to start)...
+CATCH_UP_FIRST_READ = 0.25
+# ...and at the latest this long after the response began (an app that
+# streams fast enough never goes quiet).
+CATCH_UP_MAX = 1.0
+
 
 class DisconnectReason(enum.StrEnum):
     CLIENT_CLOSED = "client_closed"
@@ -98,6 +113,7 @@ class ChannelStats:
         "events_delivered",
         "events_received",
         "heartbeats",
+        "ids_reused",
         "overflows",
         "refusals",
         "replay_gaps",
@@ -113,7 +129,10 @@ class ChannelStats:
         self.events_received = 0
         self.events_delivered = 0
         self.bytes_out = 0
-        self.duplicates_dropped = 0
+        self.duplicates_dropped = 0  # upstream replays of events already sent
+        # Upstream events whose id was already used by a different event: sent
+        # on with an id ssefan assigns, so every id names one event.
+        self.ids_reused = 0
         self.overflows = 0
         self.heartbeats = 0
         self.replay_hits = 0  # resumed exactly from a held id
@@ -187,7 +206,14 @@ class Channel:
         self._live_chunked: dict[Subscriber, Callable[[bytes], object]] = {}
         self._live_raw: dict[Subscriber, Callable[[bytes], object]] = {}
         self._lagging: set[Subscriber] = set()
+        # New `start: live` clients waiting for the upstream to stream and be
+        # past its catch-up backlog; they hold no cursor yet.
+        self._pending: set[Subscriber] = set()
+        self._streaming = False
+        self._catch_up_handle: asyncio.TimerHandle | None = None
+        self._catch_up_deadline = 0.0
         self._dedupe = False
+        self._warned_reuse = False
         self._heartbeat_handle: asyncio.TimerHandle | None = None
         self._linger_handle: asyncio.TimerHandle | None = None
         self._source_running = False
@@ -210,6 +236,7 @@ class Channel:
         """Stop the source and timers and end every stream."""
         self.closed = True
         self._stop_source()
+        self._cancel_catch_up()
         for handle in (self._heartbeat_handle, self._linger_handle):
             if handle is not None:
                 handle.cancel()
@@ -275,6 +302,7 @@ class Channel:
     def _rebuild_ring(self) -> None:
         old, route = self.ring, self.route
         ring = Ring(max_events=route.buffer, max_bytes=route.buffer_bytes, max_age=route.buffer_age)
+        ring.remember_evicted_of(old)
         # Same numbering: a lagging client's cursor means the same event after.
         ring.first_seq = ring.next_seq = old.first_seq
         for seq in range(old.first_seq, old.next_seq):
@@ -292,26 +320,68 @@ class Channel:
         if self.source is not None and self._source_running:
             self._source_running = False
             self.source.stop()
+            self.upstream_disconnected()
 
     # -- introspection --------------------------------------------------------
 
     @property
     def client_count(self) -> int:
-        return len(self._live_chunked) + len(self._live_raw) + len(self._lagging)
+        return (
+            len(self._live_chunked) + len(self._live_raw) + len(self._lagging) + len(self._pending)
+        )
 
     def subscribers(self) -> Iterable[Subscriber]:
         yield from self._live_chunked
         yield from self._live_raw
         yield from self._lagging
+        yield from self._pending
 
     # -- upstream side --------------------------------------------------------
 
     def upstream_connected(self) -> None:
-        """A new upstream response began: it may replay events we hold."""
+        """A new upstream response began: it may replay events we hold.
+
+        Two things follow. Events the ring holds or held, byte for byte, are
+        dropped as replays until the first one that is new (see publish). And
+        if the request carried a Last-Event-ID, the app may first send the
+        backlog since it: new live clients waiting meanwhile join once it has
+        passed (CATCH_UP_*), not at its start.
+        """
         self._dedupe = True
+        self._warned_reuse = False
+        self._streaming = True
+        self._cancel_catch_up()
+        if resumable_id(self.upstream_last_id):
+            self._catch_up_deadline = self.clock() + CATCH_UP_MAX
+            self._catch_up_handle = self.loop.call_later(CATCH_UP_FIRST_READ, self._caught_up)
+        else:
+            self._caught_up()
 
     def upstream_disconnected(self) -> None:
         """The upstream connection ended or failed; a reconnect will follow."""
+        self._streaming = False
+        self._cancel_catch_up()
+
+    def _cancel_catch_up(self) -> None:
+        if self._catch_up_handle is not None:
+            self._catch_up_handle.cancel()
+            self._catch_up_handle = None
+
+    def _caught_up(self) -> None:
+        """The upstream is live: waiting new clients start at the ring's head."""
+        self._catch_up_handle = None
+        pending, self._pending = self._pending, set()
+        head = self.ring.next_seq
+        for sub in pending:
+            sub.cursor = head
+            self._lagging.add(sub)
+            self._catch_up(sub)
+
+    def _joins_at_head_now(self) -> bool:
+        """Whether a new live client can start at the ring's head right away."""
+        if self.source is None:
+            return True  # fed directly (tests, benchmarks): always live
+        return self._streaming and self._catch_up_handle is None
 
     def upstream_stopped(self) -> None:
         """The app answered 204: end every stream; new clients get 204 too."""
@@ -333,27 +403,38 @@ class Channel:
             upstream_id = item.id
             if upstream_id is not None:
                 self.upstream_last_id = upstream_id
-            if upstream_id:
-                # After a reconnect the app may replay what we sent it as
-                # Last-Event-ID and beyond: skip what the ring holds or held,
-                # until the first id it has never seen.
-                if self._dedupe and (
-                    ring.seq_of(upstream_id) is not None or ring.was_evicted(upstream_id)
-                ):
-                    self.stats.duplicates_dropped += 1
-                    continue
-                self._dedupe = False
             # An id that can't travel back as a Last-Event-ID header (leading
             # space, VT, FF) could never be resumed from: clients get ours.
-            resumable = upstream_id is not None and resumable_id(upstream_id)
+            resumable = known = False
+            if upstream_id is not None and resumable_id(upstream_id):
+                resumable = True
+                known = ring.seq_of(upstream_id) is not None or ring.was_evicted(upstream_id)
             if isinstance(item, IdOnly):
-                if resumable:  # an id-only block still moves the resume point
+                # An id-only block moves the resume point, unless its id is
+                # taken: then it names nothing new.
+                if resumable and not known:
+                    self._dedupe = False
                     encoded = encode_id(item.id)
                     ring.append(item.id, encoded, now)
                     batch.append(encoded)
+                elif known and self._dedupe:
+                    self.stats.duplicates_dropped += 1
                 continue
+            if known:
+                assert upstream_id is not None
+                encoded = encode(Event(item.data, event=item.event, id=upstream_id))
+                # After a reconnect the app may replay what we sent it as
+                # Last-Event-ID and before: an event the ring holds or held,
+                # same id and same bytes, is one, until the first that is new.
+                if self._dedupe and ring.holds_copy(upstream_id, encoded):
+                    self.stats.duplicates_dropped += 1
+                    continue
+                # Same id, other content (or not right after a reconnect): an
+                # app that restarts its ids. Delivered, under an id of ours.
+                event_id = self._reused_id(upstream_id)
+            else:
+                event_id = upstream_id if resumable and upstream_id else self._assign_id()
             self._dedupe = False
-            event_id = upstream_id if resumable and upstream_id else self._assign_id()
             encoded = encode(Event(item.data, event=item.event, id=event_id))
             ring.append(event_id, encoded, now)
             batch.append(encoded)
@@ -364,9 +445,33 @@ class Channel:
         self._fan_out(batch[0] if len(batch) == 1 else b"".join(batch), len(batch))
         if self._lagging:
             self._police_laggards()
+        handle = self._catch_up_handle
+        if handle is not None:
+            # Still in the backlog: it has passed once the reads pause.
+            handle.cancel()
+            delay = min(CATCH_UP_QUIET, max(0.0, self._catch_up_deadline - now))
+            self._catch_up_handle = self.loop.call_later(delay, self._caught_up)
 
     def _assign_id(self) -> str:
         return f"{self._id_prefix}{self.ring.next_seq}"
+
+    def _reused_id(self, upstream_id: str) -> str:
+        """Count an upstream id that names a second event; return the id clients get."""
+        self.stats.ids_reused += 1
+        event_id = self._assign_id()
+        if not self._warned_reuse:
+            self._warned_reuse = True  # once per upstream connection
+            log.warning(
+                "route=%s upstream reused event id %.64r for a different event: delivered"
+                " as id %s. Event ids must be unique across the app's connections and"
+                " restarts (a global counter kept across deploys, a timestamp or a UUID),"
+                " and the app should honour Last-Event-ID; otherwise clients that resume"
+                " cannot get exactly what they missed",
+                self.route.path,
+                upstream_id,
+                event_id,
+            )
+        return event_id
 
     def _count_overflow(self, item: Overflow) -> None:
         self.stats.overflows += 1
@@ -430,6 +535,10 @@ class Channel:
             self._start_source()
         ring = self.ring
         ring.expire(self.clock())
+        if not last_event_id and self.route.start.kind == "live" and not self._joins_at_head_now():
+            # No events yet that are surely after this connect: wait for them.
+            self._pending.add(sub)
+            return
         if last_event_id:
             seq = ring.seq_of(last_event_id)
             if seq is not None:
@@ -497,7 +606,8 @@ class Channel:
         if sub.closed or not sub.paused:
             return
         sub.paused = False
-        self._catch_up(sub)
+        if sub not in self._pending:  # a waiting client has no cursor yet
+            self._catch_up(sub)
 
     def _catch_up(self, sub: Subscriber) -> None:
         ring = self.ring
@@ -525,6 +635,7 @@ class Channel:
         self._live_chunked.pop(sub, None)
         self._live_raw.pop(sub, None)
         self._lagging.discard(sub)
+        self._pending.discard(sub)
         self.stats.disconnects[reason] += 1
         if reason in (DisconnectReason.SLOW, DisconnectReason.EVICTED):
             why = (
@@ -581,5 +692,9 @@ class Channel:
             payload = encode(Event("", event=self.route.heartbeat_event, id=self.ring.newest_id))
         self.stats.heartbeats += 1
         self._fan_out(payload, 0)
+        comment = encode_comment("")
+        for sub in self._pending:  # waiting clients' proxies must not time out either
+            if not sub.paused:
+                sub.send(comment)
         self.last_event_at = now
         self._schedule_heartbeat(interval)

@@ -187,6 +187,10 @@ def _route(f: _Families, path: str, channel: Channel, upstream: Upstream | None)
     f.counter("ssefan_duplicates_dropped_total", "Upstream replays already held.").add(
         route, stats.duplicates_dropped
     )
+    f.counter(
+        "ssefan_ids_reused_total",
+        "Upstream events whose id an earlier event had (sent with an id ssefan assigns).",
+    ).add(route, stats.ids_reused)
     f.counter("ssefan_overflows_total", "Upstream events dropped for their size.").add(
         route, stats.overflows
     )

@@ -9,11 +9,19 @@ No asyncio, no sockets: time is passed in by the caller.
 
 from __future__ import annotations
 
+from zlib import crc32
+
 __all__ = ["Ring"]
 
-# Ids of recently evicted events are remembered (one set, bounded like the
-# ring) so a reconnecting client can be told "evicted" rather than "unknown".
-_EVICTED_MEMORY_FACTOR = 1
+# Ids of recently evicted events are remembered (bounded, see below) so a
+# reconnecting client can be told "evicted" rather than "unknown", each with a
+# CRC-32 of its encoded bytes so that an app's replay of it after a reconnect
+# can be told from a new event that reuses its id. How many: at least
+# EVICTED_MEMORY_MIN, and EVICTED_MEMORY_FACTOR rings' worth; an id older than
+# that is forgotten (an app reusing it again is taken at its word). Each entry
+# is about 100 bytes: 400 KiB for the smallest memory.
+EVICTED_MEMORY_MIN = 4096
+EVICTED_MEMORY_FACTOR = 4
 
 
 class Ring:
@@ -23,6 +31,7 @@ class Ring:
         "_cap",
         "_data",
         "_evicted",
+        "_evicted_cap",
         "_ids",
         "_index",
         "_max_age",
@@ -47,7 +56,8 @@ class Ring:
         # bytes between two seqs is a subtraction, not a sum.
         self._starts: list[int] = [0] * max_events
         self._index: dict[str, int] = {}
-        self._evicted: dict[str, None] = {}
+        self._evicted: dict[str, int] = {}  # id -> crc32 of the encoded event
+        self._evicted_cap = max(EVICTED_MEMORY_MIN, max_events * EVICTED_MEMORY_FACTOR)
         self.first_seq = 0  # oldest seq held
         self.next_seq = 0  # seq the next appended event gets
         self.total_bytes = 0  # bytes ever appended (offset of next_seq)
@@ -112,8 +122,8 @@ class Ring:
         event_id = self._ids[i]
         if event_id and self._index.get(event_id) == seq:
             del self._index[event_id]
-            self._evicted[event_id] = None
-            if len(self._evicted) > self._cap * _EVICTED_MEMORY_FACTOR:
+            self._evicted[event_id] = crc32(self._data[i])
+            if len(self._evicted) > self._evicted_cap:
                 del self._evicted[next(iter(self._evicted))]
         self._data[i] = b""
         self.first_seq = seq + 1
@@ -126,6 +136,23 @@ class Ring:
 
     def was_evicted(self, event_id: str) -> bool:
         return event_id in self._evicted
+
+    def holds_copy(self, event_id: str, encoded: bytes) -> bool:
+        """True if the ring holds or held an event with this id and these bytes.
+
+        Held events are compared byte for byte; evicted ones by CRC-32 (a new
+        event with a reused id whose CRC collides is taken for a replay: one
+        chance in 2**32).
+        """
+        seq = self._index.get(event_id)
+        if seq is not None:
+            return self._data[seq % self._cap] == encoded
+        digest = self._evicted.get(event_id)
+        return digest is not None and digest == crc32(encoded)
+
+    def remember_evicted_of(self, other: Ring) -> None:
+        """Take over `other`'s memory of evicted ids (a rebuilt ring)."""
+        self._evicted.update(other._evicted)
 
     def id_at(self, seq: int) -> str:
         return self._ids[seq % self._cap]

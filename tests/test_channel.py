@@ -377,9 +377,12 @@ def test_upstream_replay_of_held_events_is_dropped(loop: asyncio.AbstractEventLo
     channel.publish(events(range(3, 9)))
     assert client.ids() == strs(range(1, 9))
     assert channel.stats.duplicates_dropped == 3
-    # Once a new event came, ids are no longer compared against the ring.
+    # Once a new event came, a held id is no replay any more: the event is
+    # delivered, under an id of ssefan's so that "3" still names one event.
     channel.publish(events([3]))
-    assert client.ids()[-1] == "3"
+    assert client.ids()[:-1] == strs(range(1, 9))
+    assert client.ids()[-1].startswith(channel._id_prefix)
+    assert channel.stats.ids_reused == 1
 
 
 def test_id_only_block_moves_the_resume_point(loop: asyncio.AbstractEventLoop) -> None:
@@ -547,3 +550,122 @@ def test_a_closed_channel_ends_a_late_subscriber_at_once(loop: asyncio.AbstractE
     assert client.reasons == [DisconnectReason.DRAIN]
     assert channel.client_count == 0
     assert channel.stats.connects == 0
+
+
+# --------------------------------------------------------------------------- ids after a reconnect
+
+
+def test_a_reused_id_with_new_content_is_delivered_under_an_id_of_ours(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    channel = make_channel(loop)
+    client = Client(channel)
+    channel.subscribe(client.sub, None)
+    channel.publish(events(range(1, 4)))
+    channel.upstream_connected()
+    # The app's new connection counts from 1 again, with other payloads.
+    channel.publish([Event(f"new {i}", id=str(i)) for i in range(1, 4)])
+    ids = client.ids()
+    assert ids[:3] == strs(range(1, 4))
+    assert all(str(i).startswith(channel._id_prefix) for i in ids[3:])
+    assert len(set(ids)) == 6
+    assert [e.data for e in client.decoded().events][3:] == ["new 1", "new 2", "new 3"]
+    assert (channel.stats.ids_reused, channel.stats.duplicates_dropped) == (3, 0)
+    # A resume from one of our ids is exact.
+    resumed = Client(channel)
+    channel.subscribe(resumed.sub, ids[3])
+    assert resumed.ids() == ids[4:]
+
+
+def test_an_id_repeated_within_one_connection_names_two_events(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    channel = make_channel(loop)
+    client = Client(channel)
+    channel.subscribe(client.sub, None)
+    channel.publish([Event("a", id="7"), Event("b", id="7")])
+    ids = client.ids()
+    assert ids[0] == "7" and ids[1] != "7"
+    assert channel.ring.seq_of("7") == 0  # "7" still names the first
+
+
+def test_a_replayed_id_only_block_is_dropped_and_a_reused_one_ignored(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    channel = make_channel(loop)
+    channel.publish([*events([1]), IdOnly("2")])
+    channel.upstream_connected()
+    channel.publish([IdOnly("2"), *events([3])])
+    assert channel.stats.duplicates_dropped == 1
+    channel.publish([IdOnly("2")])  # after new events: names nothing new
+    assert channel.ring.newest_id == "3"
+
+
+class StubSource:
+    """A source that only records being started (the channel drives the rest)."""
+
+    def __init__(self) -> None:
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+
+def run_until(loop: asyncio.AbstractEventLoop, condition: Callable[[], bool]) -> None:
+    """Run the loop's timers until `condition` holds (at most 2 s)."""
+    deadline = loop.time() + 2.0
+    while not condition():
+        assert loop.time() < deadline, "condition never held"
+        loop.run_until_complete(asyncio.sleep(0.005))
+
+
+def test_a_live_client_waits_out_the_catch_up_backlog(loop: asyncio.AbstractEventLoop) -> None:
+    channel = Channel(route(mode="lazy"), loop=loop)
+    source = StubSource()
+    channel.attach_source(source)
+    channel.publish(events(range(1, 4)))  # an earlier subscription's events
+    assert channel.upstream_last_id == "3"
+
+    client = Client(channel)
+    channel.subscribe(client.sub, None)  # the upstream is not streaming yet
+    assert source.running and channel.client_count == 1
+    channel.upstream_connected()  # resumed with Last-Event-ID: 3
+    channel.publish(events(range(4, 40)))  # the app's backlog since 3
+    channel.publish(events(range(40, 60)))
+    assert client.ids() == []
+    run_until(loop, lambda: channel._catch_up_handle is None)
+    channel.publish(events([60]))
+    assert client.ids() == ["60"]
+    # The backlog filled the ring for clients that resume.
+    resuming = Client(channel)
+    channel.subscribe(resuming.sub, "3")
+    assert resuming.ids() == strs(range(4, 61))
+
+
+def test_without_a_resume_id_a_waiting_client_joins_as_the_upstream_answers(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    channel = Channel(route(), loop=loop)
+    channel.attach_source(StubSource())
+    client = Client(channel)
+    channel.subscribe(client.sub, None)
+    channel.upstream_connected()  # a first connection: no Last-Event-ID, no backlog
+    channel.publish(events([1]))
+    assert client.ids() == ["1"]
+
+
+def test_a_waiting_client_can_leave_and_gets_heartbeats(loop: asyncio.AbstractEventLoop) -> None:
+    channel = Channel(route(heartbeat=0.01), loop=loop)
+    channel.attach_source(StubSource())
+    channel.start()
+    staying, leaving = Client(channel), Client(channel)
+    channel.subscribe(staying.sub, None)
+    channel.subscribe(leaving.sub, None)
+    channel.unsubscribe(leaving.sub)
+    assert channel.client_count == 1
+    run_until(loop, lambda: bool(staying.transport.writes))
+    assert staying.decoded().events == [] and b":" in b"".join(staying.transport.writes)
+    channel.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssefan.ring import Ring
+from ssefan.ring import EVICTED_MEMORY_MIN, Ring
 
 
 def filled(n: int, *, max_events: int = 100, max_bytes: int = 1 << 20, max_age: float = 0) -> Ring:
@@ -92,9 +92,21 @@ def test_seq_since_finds_first_event_at_or_after_time() -> None:
 
 
 def test_evicted_id_memory_is_bounded() -> None:
-    ring = filled(1000, max_events=10)
-    assert len(ring._evicted) <= 10
-    assert ring.was_evicted("id989") and not ring.was_evicted("id0")
+    total = EVICTED_MEMORY_MIN + 1000
+    ring = filled(total, max_events=10)
+    assert len(ring._evicted) == EVICTED_MEMORY_MIN
+    oldest_remembered = total - 10 - EVICTED_MEMORY_MIN
+    assert ring.was_evicted(f"id{oldest_remembered}")
+    assert not ring.was_evicted(f"id{oldest_remembered - 1}")
+
+
+def test_a_held_or_evicted_event_is_told_from_a_new_one_with_its_id() -> None:
+    ring = filled(20, max_events=10)  # holds id10..id19; id0..id9 evicted
+    for seq in (5, 15):  # one evicted, one held
+        same = f"e{seq};".encode()
+        assert ring.holds_copy(f"id{seq}", same)
+        assert not ring.holds_copy(f"id{seq}", same + b"!")
+    assert not ring.holds_copy("id20", f"e{20};".encode())  # never seen
 
 
 def test_rejects_empty_capacity() -> None:

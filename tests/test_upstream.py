@@ -346,8 +346,10 @@ def test_lazy_route_subscribes_on_first_client_and_lingers(
         assert lingered >= linger * 0.9, f"unsubscribed after {lingered:.2f}s"
         assert len(upstream.requests) == 1
 
-        # The next client re-subscribes, resuming from the last id.
-        again = SSEClient(ssefan.host, ssefan.port)
+        # The next client re-subscribes ssefan, which resumes from the last id.
+        # (The client resumes too: one without an id would wait out the
+        # upstream's catch-up first, see test_lazy_resubscribe_never_serves_stale_events.)
+        again = SSEClient(ssefan.host, ssefan.port, headers={"Last-Event-ID": "1"})
         try:
             upstream.wait_requests(2)
             assert upstream.requests[1].headers.get("last-event-id") == "1"
