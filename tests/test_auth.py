@@ -67,7 +67,7 @@ def ssefan(
         },
         {"path": "/auth-hangs", "auth": {"url": f"{app.url}/slow", "timeout": "500ms"}},
     ]
-    config = {
+    config: dict[str, object] = {
         "listen": "127.0.0.1:0",
         "app": app.url,  # pass-through too: its log lines must be clean as well
         "proxy": {"first_byte_timeout": "500ms"},
@@ -345,9 +345,9 @@ def test_a_reload_while_forward_auth_decides_answers_a_retry(
 ) -> None:
     """The decision, and the channel it was for, belong to the config before the
     reload: the client is told to retry, and never subscribed to a dead route."""
-    auth = {"url": f"{app.url}/auth", "forward": ["cookie"]}
-    route = {"path": "/events", "upstream": stream_upstream.url, "auth": auth}
-    config = {"listen": "127.0.0.1:0", "routes": [route]}
+    auth: dict[str, object] = {"url": f"{app.url}/auth", "forward": ["cookie"]}
+    route: dict[str, object] = {"path": "/events", "upstream": stream_upstream.url, "auth": auth}
+    config: dict[str, object] = {"listen": "127.0.0.1:0", "routes": [route]}
     path = write_config(tmp_path / "ssefan.yaml", config)
     proc = VerboseSsefan(path).start()
     user = secret("judy")
@@ -358,6 +358,7 @@ def test_a_reload_while_forward_auth_decides_answers_a_retry(
     try:
         conn.send(f"GET /events HTTP/1.1\r\nHost: x\r\nCookie: session={user}\r\n\r\n".encode())
         wait_until(lambda: len(auth_calls(app, user)) == 1, what="the auth call")
+        routes: list[dict[str, object]]
         if change == "route-removed":
             routes = [{"path": "/other", "upstream": stream_upstream.url}]
         else:

@@ -381,7 +381,7 @@ def test_upstream_replay_of_held_events_is_dropped(loop: asyncio.AbstractEventLo
     # delivered, under an id of ssefan's so that "3" still names one event.
     channel.publish(events([3]))
     assert client.ids()[:-1] == strs(range(1, 9))
-    assert client.ids()[-1].startswith(channel._id_prefix)
+    assert str(client.ids()[-1]).startswith(channel._id_prefix)
     assert channel.stats.ids_reused == 1
 
 

@@ -298,6 +298,18 @@ def _route(config: Config) -> RouteConfig:
     return config.routes[0]
 
 
+def _cors(config: Config) -> CorsConfig:
+    cors = _route(config).cors
+    assert cors is not None
+    return cors
+
+
+def _auth(config: Config) -> AuthConfig:
+    auth = _route(config).auth
+    assert auth is not None
+    return auth
+
+
 @pytest.mark.parametrize(
     ("text", "pick", "expected"),
     [
@@ -392,7 +404,7 @@ def _route(config: Config) -> RouteConfig:
                 "    - http://[::1]:3000\n"
                 "    - chrome-extension://abcdef\n"
             ),
-            lambda c: _route(c).cors.allow_origins,
+            lambda c: _cors(c).allow_origins,
             (
                 "https://app.example.com",
                 "http://localhost",
@@ -403,7 +415,7 @@ def _route(config: Config) -> RouteConfig:
         ),
         pytest.param(
             with_route_keys("cors: {allow_origins: [https://a.example], allow_credentials: yes}"),
-            lambda c: _route(c).cors.allow_credentials,
+            lambda c: _cors(c).allow_credentials,
             True,
             id="yaml-1.1-yes-is-a-boolean",
         ),
@@ -443,7 +455,7 @@ def _route(config: Config) -> RouteConfig:
         ),
         pytest.param(
             with_route_keys("auth: {url: 'http://[::1]:8000/auth', forward: [], token_param: t}"),
-            lambda c: (_route(c).auth.forward, _route(c).auth.token_param),
+            lambda c: (_auth(c).forward, _auth(c).token_param),
             ((), "t"),
             id="auth-forward-nothing-token-only",
         ),
@@ -457,7 +469,7 @@ def _route(config: Config) -> RouteConfig:
         ),
         pytest.param(
             with_route_keys("auth: {url: 'http://a/auth', token_scheme: Token, token_header: X-A}"),
-            lambda c: (_route(c).auth.token_scheme, _route(c).auth.token_header),
+            lambda c: (_auth(c).token_scheme, _auth(c).token_header),
             ("Token", "x-a"),
             id="auth-token-scheme-and-header",
         ),

@@ -57,7 +57,7 @@ def notify_name(sup: Supervisor) -> str:
 def send_from_child(
     sup: Supervisor, count: int, python: str = sys.executable, **popen: object
 ) -> subprocess.Popen[str]:
-    child = subprocess.Popen(
+    child: subprocess.Popen[str] = subprocess.Popen(
         [python, "-c", SENDER, notify_name(sup), str(count)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
