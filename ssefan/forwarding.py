@@ -4,7 +4,10 @@
   cross a proxy (RFC 9110 §7.6.1).
 * X-Forwarded-For / -Proto / -Host tell the app who the client was. They are
   trusted only from configured front proxies; from anyone else they are
-  replaced, or a client could claim any address.
+  replaced, or a client could claim any address. A host in X-Forwarded-Host
+  or in a `Forwarded: host=` is always a valid host[:port]
+  (request_checks.valid_host): apps build absolute URLs (redirects, password
+  reset links) from it.
 * Every request carries an id (X-Request-ID) that ties ssefan's log lines to the
   app's.
 * Credentials in a request target (a `?token=`) are redacted before a target is
@@ -19,6 +22,8 @@ import secrets
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlencode
+
+from .request_checks import valid_host
 
 __all__ = [
     "HOP_BY_HOP",
@@ -60,6 +65,14 @@ HOP_BY_HOP = frozenset(
 # X-Forwarded-* and RFC 7239 Forwarded: client-identity claims, kept only from
 # trusted peers.
 _IDENTITY = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+
+# RFC 7239 §4: forwarded-pair = token "=" value, value = token / quoted-string;
+# pairs are joined by ";" and elements by ",".
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_FORWARDED_PAIR = re.compile(
+    rb"[ \t]*(" + _TOKEN + rb")=(" + _TOKEN + rb'|"(?:[^"\\]|\\.)*")[ \t]*(?:[;,]|$)'
+)
+_QUOTED_PAIR = re.compile(rb"\\(.)")
 
 # A request id the client sent is kept (and logged) if it looks like an id:
 # UUIDs, hex, base64 and the like, bounded. Anything else could forge log
@@ -128,22 +141,58 @@ def forwarded_headers(
     they, and RFC 7239 `Forwarded`, are replaced: a client could claim anything.
     """
     host_values = header_values(headers, b"host")
+    # The server refused an invalid Host (request_checks); checked again here
+    # so that no caller can put one into X-Forwarded-Host.
+    host = host_values[0] if host_values and valid_host(host_values[0]) else None
     ours = (
         (b"X-Forwarded-For", peer_ip.encode("ascii")),
         (b"X-Forwarded-Proto", scheme.encode("ascii")),
-        (b"X-Forwarded-Host", host_values[0] if host_values else None),
+        (b"X-Forwarded-Host", host),
     )
     out = [(name, value) for name, value in headers if name.lower() not in _IDENTITY]
     if trusted:
-        out += [(name, value) for name, value in headers if name.lower() == b"forwarded"]
+        # Even a trusted proxy may pass on what its client said (nginx's
+        # $http_host): a Forwarded line with an invalid host= is dropped whole.
+        out += [
+            (name, value)
+            for name, value in headers
+            if name.lower() == b"forwarded" and _forwarded_hosts_valid(value)
+        ]
     for name, value in ours:
         chain = header_values(headers, name.lower()) if trusted else []
+        if name == b"X-Forwarded-Host":
+            chain = _valid_hosts(chain)
         if value is not None:
             chain.append(value)
         if chain:
             # RFC 9110 §5.3: repeated fields are one comma-separated list.
             out.append((name, b", ".join(chain)))
     return out
+
+
+def _valid_hosts(values: Iterable[bytes]) -> list[bytes]:
+    """The valid hosts of X-Forwarded-Host lines, as one list (invalid ones dropped)."""
+    hosts = (host.strip() for value in values for host in value.split(b","))
+    return [host for host in hosts if valid_host(host)]
+
+
+def _forwarded_hosts_valid(value: bytes) -> bool:
+    """True if `value` is a well-formed RFC 7239 Forwarded field whose every
+    `host=` is a valid host[:port] (RFC 7239 §5.3: the Host as received)."""
+    value = value.strip()
+    at = 0
+    while at < len(value):
+        pair = _FORWARDED_PAIR.match(value, at)
+        if pair is None or pair.end() == at:
+            return False
+        at = pair.end()
+        name, field_value = pair[1], pair[2]
+        if name.lower() == b"host":
+            if field_value.startswith(b'"'):
+                field_value = _QUOTED_PAIR.sub(rb"\1", field_value[1:-1])
+            if not valid_host(field_value):
+                return False
+    return True
 
 
 def describe_h11_error(exc: Exception) -> str:

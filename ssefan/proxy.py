@@ -12,6 +12,10 @@ One `Exchange` per request, over a pooled keep-alive connection (pool.py):
   uploads, large downloads and endless streams cost a window of memory.
 * An `Upgrade` request (WebSocket) the app answers with 101 becomes a byte
   tunnel until either side closes.
+* The target and host sent on are the ones the server routed by
+  (request_checks.CheckedRequest): the app never reads a request other than
+  ssefan did. During a drain a response carries `Connection: close`, so no
+  browser reuses the connection into a process that is leaving.
 
 Failures get a short plain-text answer that names the request id: the app
 unreachable 502, the app too slow 504, a body over the limit 413. Once the
@@ -27,7 +31,6 @@ import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
-from urllib.parse import urlsplit
 
 import h11
 
@@ -47,6 +50,7 @@ from .forwarding import (
     strip_hop_by_hop,
 )
 from .pool import ConnectionPool, Origin, OriginClosed, OriginConnection, OriginProtocolError
+from .request_checks import CheckedRequest
 
 __all__ = ["Downstream", "Proxy", "ProxyStats"]
 
@@ -74,6 +78,11 @@ class Downstream(Protocol):
 
     @property
     def writing_paused(self) -> bool: ...
+
+    @property
+    def keep_alive(self) -> bool:
+        """False when the connection must close after this response (a drain)."""
+        ...
 
     async def receive(self) -> h11.Event: ...
 
@@ -147,9 +156,15 @@ class Proxy:
         self.redact = TargetRedactor(token_params)
         self.stats = ProxyStats()
 
-    async def forward(self, client: Downstream, request: h11.Request) -> None:
-        """Run one request/response exchange (or tunnel) with the app."""
-        await Exchange(self, client, request).run()
+    async def forward(
+        self, client: Downstream, request: h11.Request, checked: CheckedRequest
+    ) -> None:
+        """Run one request/response exchange (or tunnel) with the app.
+
+        `checked` is the server's reading of the request (request_checks): the
+        target and host forwarded are the ones it routed by.
+        """
+        await Exchange(self, client, request, checked).run()
 
     def close(self) -> None:
         self.pool.close()
@@ -158,11 +173,14 @@ class Proxy:
 class Exchange:
     """One request forwarded to the app and its response forwarded back."""
 
-    def __init__(self, proxy: Proxy, client: Downstream, request: h11.Request) -> None:
+    def __init__(
+        self, proxy: Proxy, client: Downstream, request: h11.Request, checked: CheckedRequest
+    ) -> None:
         self.proxy = proxy
         self.settings = proxy.settings
         self.client = client
         self.request = request
+        self.checked = checked
         self.method = bytes(request.method)
         self.raw_headers: list[Header] = [
             (bytes(n), bytes(v)) for n, v in request.headers.raw_items()
@@ -196,9 +214,10 @@ class Exchange:
                 self.origin = None
 
     async def _run(self) -> None:
-        if self.method == b"CONNECT":
-            raise ProxyError(405, "CONNECT is not supported: ssefan is a reverse proxy")
-        target = _origin_form(bytes(self.request.target))
+        # Origin-form (or `*`), as routing read it: an absolute-form target
+        # goes on as its path and query, its authority as the Host (RFC 9112
+        # §3.2.2); anything else (CONNECT among it) was refused at the door.
+        target = self.checked.target.forward
         chunked = _is_chunked(self.raw_headers)
         length = None if chunked else _content_length(self.raw_headers)
         limit = self.settings.max_body_bytes
@@ -227,8 +246,11 @@ class Exchange:
                 err.status,
                 body,
                 request_id,
-                # An unread or half-read body leaves the connection out of sync.
-                close=conn.their_state is not h11.DONE or err.status in (408, 413),
+                # An unread or half-read body leaves the connection out of sync;
+                # and no keep-alive into a process that is leaving.
+                close=conn.their_state is not h11.DONE
+                or err.status in (408, 413)
+                or not client.keep_alive,
             )
         elif conn.our_state is h11.ERROR and not self._head_sent:
             # h11 refused the head we gave it, and wrote none of it: the answer
@@ -240,7 +262,7 @@ class Exchange:
             client.abort()  # the head is out: cutting the body is all that's left
 
     def _what(self) -> str:
-        target = self.request.target.decode("ascii", "replace")
+        target = self.checked.target.forward.decode("ascii", "replace")
         return f"{self.method.decode('ascii', 'replace')} {self.proxy.redact(target)}"
 
     # -- without a body: send whole, retry once on a stale connection -----------------
@@ -393,6 +415,11 @@ class Exchange:
 
     async def _relay_response(self, origin: OriginConnection, response: h11.Response) -> None:
         headers = _response_headers(response)
+        if not self.client.keep_alive:
+            # A drain: the client must not reuse this connection into a process
+            # that is leaving (a browser would send an EventSource's reconnect
+            # on it). h11 closes it after this response.
+            headers.append((b"Connection", b"close"))
         try:
             head = h11.Response(
                 status_code=response.status_code, headers=headers, reason=response.reason
@@ -502,6 +529,12 @@ class Exchange:
     def _app_request(self, target: bytes, *, chunked: bool, upgrade: bool) -> h11.Request:
         client = self.client
         headers = strip_hop_by_hop(self.raw_headers)
+        # The host the request is for, as check_request read it: valid, and an
+        # absolute-form target's authority over any Host header (RFC 9112
+        # §3.2.2). First, as RFC 9112 §3.2 asks; X-Forwarded-Host names it too.
+        headers = [(n, v) for n, v in headers if n.lower() != b"host"]
+        if self.checked.host is not None:
+            headers.insert(0, (b"Host", self.checked.host))
         if chunked:
             # RFC 9112 §6.3: with both, Transfer-Encoding wins and Content-Length
             # must go (a classic request-smuggling vector).
@@ -513,11 +546,12 @@ class Exchange:
             scheme=client.scheme,
             trusted=client.peer_ip in self.proxy.trusted,
         )
+        if self.checked.host is None:
+            # HTTP/1.0 without a Host: the app's own (and no X-Forwarded-Host).
+            headers.insert(0, (b"Host", self.proxy.origin.host_header.encode("ascii")))
         if self.client_request_id is None:
             headers = [(n, v) for n, v in headers if n.lower() != b"x-request-id"]
             headers.append((b"X-Request-ID", self.request_id.encode("ascii")))
-        if not header_values(headers, b"host"):
-            headers.insert(0, (b"Host", self.proxy.origin.host_header.encode("ascii")))
         if upgrade:
             headers.append((b"Connection", b"upgrade"))
             headers += [(b"Upgrade", v) for v in header_values(self.raw_headers, b"upgrade")]
@@ -589,18 +623,6 @@ class _Reader(Protocol):
 
 class _Writer(Protocol):
     def __call__(self, data: bytes, /) -> None: ...
-
-
-def _origin_form(target: bytes) -> bytes:
-    """The request target as the app expects it (RFC 9112 §3.2)."""
-    if target.startswith(b"/") or target == b"*":
-        return target
-    # Absolute-form (RFC 9112 §3.2.2), which a server must accept: keep path and query.
-    parts = urlsplit(target.decode("ascii"))
-    if parts.scheme in ("http", "https") and parts.netloc:
-        path = parts.path or "/"
-        return (path + (f"?{parts.query}" if parts.query else "")).encode("ascii")
-    raise ProxyError(400, "request target must be a path")
 
 
 def _is_chunked(headers: list[Header]) -> bool:

@@ -5,6 +5,11 @@ stream, h11 writes the response head and then steps aside: the body is written
 straight to the transport by the channel, so the per-client cost of an event
 is one `transport.write` of bytes framed once for everybody.
 
+Every request is checked first (request_checks.py: version, target form,
+Host), and what that check read is what routing goes by and what the
+pass-through forwards. A path that is no route but a variant of a protected
+one (paths.variant_path) is 404, never passed through.
+
 Two things need to await before they can answer: a pass-through exchange with
 the app, and forward-auth before a stream opens. For those the connection is
 handed off to a task: bytes the client sends go to a bounded inbox the task
@@ -22,18 +27,19 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, cast
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import h11
 
 from . import cors
 from .auth import UNAVAILABLE, AuthDecision, Credential, ForwardAuth
 from .channel import Channel, DisconnectReason, Subscriber
-from .config import Config
+from .config import Config, RouteConfig
 from .flow import Inbox, WriteGate
 from .forwarding import describe_h11_error, raw_response
-from .paths import routing_path
+from .paths import routing_path, variant_path
 from .refusal import RefusalReason, refusal_body
+from .request_checks import BadRequest, CheckedRequest, TargetForm, check_request
 from .sse import encode_comment, encode_retry
 
 __all__ = ["HTTPConnection", "Server"]
@@ -79,8 +85,12 @@ class Server:
     # (the demo serves its page this way).
     fallback: Callable[[HTTPConnection, h11.Request], bool] | None = None
     # Then the pass-through to the app (proxy.Proxy.forward), if `app` is set:
-    # the connection is handed off to it until the exchange ends.
-    pass_through: Callable[[HTTPConnection, h11.Request], Coroutine[Any, Any, None]] | None = None
+    # the connection is handed off to it until the exchange ends. It forwards
+    # the target and host as check_request read them, which is what routing
+    # went by: the app never reads a request other than ssefan did.
+    pass_through: (
+        Callable[[HTTPConnection, h11.Request, CheckedRequest], Coroutine[Any, Any, None]] | None
+    ) = None
     # Forward-auth by route path.
     auth: dict[str, ForwardAuth] = field(default_factory=dict)
     # Set by App.drain(): the process is shutting down and new streams are refused.
@@ -88,10 +98,13 @@ class Server:
     # Jitter for refusals' `retry:` values.
     rng: random.Random = field(default_factory=random.Random)
 
-    # Route paths in routing form (see routing_path), and which `channels` they
-    # were computed from (the App changes that dict in place on a reload).
-    _routes_for: tuple[str, ...] = field(default=(), init=False, repr=False)
+    # Route paths in routing form (see routing_path), the variant forms of the
+    # routes with protect_variants (see variant_path), and which routes they
+    # were computed from (the App changes `channels` in place on a reload, and
+    # a kept route's channel gets a new RouteConfig).
+    _routes_for: tuple[RouteConfig, ...] = field(default=(), init=False, repr=False)
     _routes_by_form: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _variants: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def protocol_factory(self) -> HTTPConnection:
         return HTTPConnection(self)
@@ -101,28 +114,37 @@ class Server:
         channel = self.channels.get(path)  # the common case: the path as configured
         if channel is not None:
             return channel
-        paths = tuple(self.channels)
-        if paths != self._routes_for:
-            self._routes_for = paths
-            self._routes_by_form = {routing_path(p): p for p in paths}
+        self._refresh_forms()
         configured = self._routes_by_form.get(routing_path(path))
         return None if configured is None else self.channels.get(configured)
 
+    def variant_of(self, path: str) -> str | None:
+        """The protected route `path` is a variant of, for a path that is no route.
+
+        A route with `protect_variants` (the default) owns every path with
+        its variant form (case folded, invisible characters removed: see
+        variant_path); such a path is answered 404, never passed through. One
+        dict lookup, looked at only for paths that are no route.
+        """
+        self._refresh_forms()
+        if not self._variants:
+            return None
+        return self._variants.get(variant_path(path))
+
+    def _refresh_forms(self) -> None:
+        # Compared item by item, a route object unchanged since the last look
+        # is the same object: this costs one identity check per route.
+        routes = tuple(channel.route for channel in self.channels.values())
+        if routes == self._routes_for:
+            return
+        self._routes_for = routes
+        self._routes_by_form = {routing_path(p): p for p in self.channels}
+        self._variants = {
+            variant_path(p): p for p, c in self.channels.items() if c.route.protect_variants
+        }
+
     def count_refusal(self, status: int) -> None:
         self.refused[status] = self.refused.get(status, 0) + 1
-
-
-def _split_target(target: str) -> tuple[str, str]:
-    """A request target's path and query (RFC 9112 §3.2).
-
-    Origin-form is split by hand: urlsplit would read `//events` as a host
-    named "events" with an empty path.
-    """
-    if target.startswith("/"):
-        path, _, query = target.partition("?")
-        return path.partition("#")[0], query.partition("#")[0]
-    parts = urlsplit(target)  # absolute-form (or `*`)
-    return parts.path, parts.query
 
 
 def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
@@ -134,6 +156,21 @@ def _header(request: h11.Request, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+def _as_read(request: h11.Request, checked: CheckedRequest) -> list[tuple[bytes, bytes]]:
+    """The request's headers with the Host it is for (check_request's reading).
+
+    With an absolute-form target the target's authority is the host, whatever
+    the Host header says (RFC 9112 §3.2.2): forward-auth's X-Forwarded-Host
+    must name the host the stream was asked of, as the pass-through's does.
+    """
+    headers = request.headers.raw_items()
+    if checked.target.authority is None:
+        return headers
+    return [(b"host", checked.target.authority)] + [
+        (name, value) for name, value in headers if name.lower() != b"host"
+    ]
 
 
 def _head_size(request: h11.Request) -> int:
@@ -313,10 +350,11 @@ class HTTPConnection(asyncio.Protocol):
             log.info("peer=%s bad request (431): request head of %d bytes", self.peer, size)
             self.respond(431, "431 request head too large\n", close=True)
             return
-        try:
-            target = request.target.decode("ascii")
-        except UnicodeDecodeError:
-            self.respond(400, "400 request target must be ASCII\n", close=True)
+        checked = check_request(
+            request.method, request.target, request.http_version, request.headers.raw_items()
+        )
+        if isinstance(checked, BadRequest):
+            self._bad_request(checked)
             return
         if _header(request, b"content-length") is not None and (
             _header(request, b"transfer-encoding") is not None
@@ -325,38 +363,83 @@ class HTTPConnection(asyncio.Protocol):
             # the two framings are how requests are smuggled past a proxy that
             # reads one and an app that reads the other. h11 would go by
             # Transfer-Encoding and keep the connection: refuse, and close it.
-            self.server.count_refusal(400)
-            log.info(
-                "peer=%s bad request (400): both Content-Length and Transfer-Encoding"
-                " (a request-smuggling pattern); closing the connection",
-                self.peer,
-            )
-            self.respond(
-                400, "400 request has both Content-Length and Transfer-Encoding\n", close=True
+            self._bad_request(
+                BadRequest(
+                    400,
+                    "request has both Content-Length and Transfer-Encoding"
+                    " (a request-smuggling pattern)",
+                ),
+                answer="400 request has both Content-Length and Transfer-Encoding\n",
             )
             return
-        path, query = _split_target(target)
-        channel = self.server.route(path)
+        target = checked.target
+        server = self.server
+        # `*` is the server as a whole (RFC 9112 §3.2.4), never a route.
+        channel = server.route(target.path) if target.form is not TargetForm.ASTERISK else None
         if channel is None:
-            if self.server.fallback is not None and self.server.fallback(self, request):
-                return
-            if self.server.pass_through is not None:
-                self._hand_off(self.server.pass_through(self, request))
-                return
-            self.respond(404, f"404 no route for {path}\n")
+            self._not_a_route(request, checked)
             return
         method = request.method
         if method == b"OPTIONS":
             self._preflight(channel, request)
         elif method in (b"GET", b"HEAD"):
-            self._open_stream(channel, request, query)
+            self._open_stream(channel, request, checked)
         else:
-            self.server.count_refusal(405)
+            server.count_refusal(405)
             self.respond(
                 405,
                 f"405 {method.decode('latin-1')} not allowed on {channel.route.path}: use GET\n",
                 [(b"allow", cors.ALLOWED_METHODS)],
             )
+
+    def _bad_request(self, bad: BadRequest, answer: str | None = None) -> None:
+        """Refuse a request at the door, and close: a client that sends one such
+        request may well send more, or a tunnel's (or HTTP/2's) bytes next."""
+        self.server.count_refusal(bad.status)
+        # The reason, never the target or a header: either may carry a token.
+        log.info(
+            "peer=%s bad request (%d): %s; closing the connection",
+            self.peer,
+            bad.status,
+            bad.reason,
+        )
+        self.respond(bad.status, answer or f"{bad.status} {bad.reason}\n", close=True)
+
+    def _not_a_route(self, request: h11.Request, checked: CheckedRequest) -> None:
+        """A request for anything but a stream route: refused if it is a
+        protected route's variant, else the fallback's or the app's."""
+        server = self.server
+        target = checked.target
+        closing = server.draining  # no keep-alive into a process that is leaving
+        if target.form is not TargetForm.ASTERISK:
+            protected = server.variant_of(target.path)
+            if protected is not None:
+                # An app that routes case-insensitively, or cuts the path at a
+                # NUL, would serve its own stream here: past the fan-out and
+                # past forward-auth. See docs/request-checks.md.
+                server.count_refusal(404)
+                log.info(
+                    "peer=%s refused (404): a variant of route %s (protect_variants)",
+                    self.peer,
+                    protected,
+                )
+                self.respond(
+                    404,
+                    "404 not found: this path differs from a stream route only in case or"
+                    " in invisible characters\n",
+                    close=closing,
+                )
+                return
+        if server.fallback is not None and server.fallback(self, request):
+            return
+        if server.pass_through is not None:
+            self._hand_off(server.pass_through(self, request, checked))
+            return
+        if target.form is TargetForm.ASTERISK:
+            # OPTIONS * asks what the server as a whole allows (RFC 9110 §9.3.7).
+            self.respond(204, "", [(b"allow", cors.ALLOWED_METHODS)], close=closing)
+            return
+        self.respond(404, f"404 no route for {target.path}\n", close=closing)
 
     def _preflight(self, channel: Channel, request: h11.Request) -> None:
         route_cors = channel.route.cors
@@ -371,8 +454,9 @@ class HTTPConnection(asyncio.Protocol):
             return
         self.respond(204, "", headers)
 
-    def _open_stream(self, channel: Channel, request: h11.Request, query: str) -> None:
+    def _open_stream(self, channel: Channel, request: h11.Request, checked: CheckedRequest) -> None:
         route = channel.route
+        query = checked.target.query
         cors_headers = cors.response_headers(route.cors, _header(request, b"origin"))
         if cors_headers is None:
             self.server.count_refusal(403)
@@ -397,7 +481,7 @@ class HTTPConnection(asyncio.Protocol):
         if self._refused(channel, cors_headers):
             return  # no auth call for a stream that could not open anyway
         credential = auth.credential(
-            request.headers.raw_items(),
+            _as_read(request, checked),
             route.path,
             query,
             peer_ip=self.peer_ip,
@@ -621,6 +705,12 @@ class HTTPConnection(asyncio.Protocol):
     @property
     def writing_paused(self) -> bool:
         return self._gate.paused
+
+    @property
+    def keep_alive(self) -> bool:
+        """False during a drain: a pass-through response then closes the
+        connection, so no browser reuses it into a process that is leaving."""
+        return not self.server.draining
 
     async def receive(self) -> h11.Event:
         """The next event of the request body, reading from the client as needed."""
