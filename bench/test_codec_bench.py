@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from ssefan.sse import Event, Parser, encode
+from ssefan.core.sse import Event, Parser, encode
 
 CHUNK = 64 * 1024  # a typical socket read: what the upstream adapter feeds
 EVENT_SIZE = 200  # bytes on the wire per event, a small JSON update

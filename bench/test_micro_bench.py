@@ -25,10 +25,10 @@ from typing import Any, cast
 
 import pytest
 
-from ssefan.channel import Channel, Subscriber
 from ssefan.config import RouteConfig, UpstreamConfig
-from ssefan.ring import Ring
-from ssefan.sse import Event, IdOnly, Overflow
+from ssefan.core.ring import Ring
+from ssefan.core.sse import Event, IdOnly, Overflow
+from ssefan.stream.channel import Channel, Subscriber
 
 SUBSCRIBERS = 10_000
 PAYLOAD = "x" * 200

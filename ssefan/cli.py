@@ -5,7 +5,7 @@ directly. Exit statuses: 0 ok, 2 bad usage, an invalid config file or a
 listen address that can't be bound (the convention argparse already uses for
 usage errors: the command line or the config must change).
 
-Everything printed passes through `logs.redact`, as log lines do: a URL in a
+Everything printed passes through `redact` (ssefan.http.redaction), as log lines do: a URL in a
 config ends up in CI logs and terminals' scrollback.
 """
 
@@ -16,11 +16,11 @@ import importlib.metadata
 import shlex
 import sys
 
-from ssefan import logs
 from ssefan.config import Config, ConfigError, load_config
-from ssefan.logs import LOG_FORMATS
-from ssefan.sockets import ListenError
-from ssefan.worker import inherited_config, log_fields
+from ssefan.ops import logs
+from ssefan.ops.logs import LOG_FORMATS
+from ssefan.ops.sockets import ListenError
+from ssefan.ops.worker import inherited_config, log_fields
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -123,7 +123,7 @@ def _serve(path: str, log_level: str, log_format: str = "text") -> int:
     _configure_logging(log_level, log_format)
     logs.remember_secrets(config)
     # Imported here so `check` and `--version` never load the server stack.
-    from ssefan.app import serve
+    from ssefan.ops.app import serve
 
     try:
         return serve(config)
@@ -177,7 +177,7 @@ def _load_or_report(path: str) -> Config | None:
 def summary(config: Config) -> str:
     """One line: routes with their upstreams, the listen address and the app.
 
-    Redacted as log lines are (`logs.redact`, and the config's own secrets):
+    Redacted as log lines are (`redact` (ssefan.http.redaction), and the config's own secrets):
     the output of `ssefan check` ends up in CI logs and terminals' scrollback."""
     redact = logs.Redactor()
     redact.add(logs.config_secrets(config))

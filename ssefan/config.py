@@ -22,7 +22,7 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 from yaml.reader import ReaderError
 
-from .paths import routing_path
+from ssefan.core.paths import routing_path
 
 SECONDS = 1.0
 MINUTES = 60 * SECONDS

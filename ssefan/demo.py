@@ -17,10 +17,10 @@ from importlib import resources
 
 import h11
 
-from .app import App, new_event_loop
-from .config import Config, CorsConfig, ListenConfig, RouteConfig, StartConfig, UpstreamConfig
-from .server import HTTPConnection
-from .sse import Event, encode
+from ssefan.config import Config, CorsConfig, ListenConfig, RouteConfig, StartConfig, UpstreamConfig
+from ssefan.core.sse import Event, encode
+from ssefan.edge.server import HTTPConnection
+from ssefan.ops.app import App, new_event_loop
 
 __all__ = ["Ticker", "demo_config", "run_demo"]
 

@@ -35,11 +35,11 @@ from harness import (
 )
 from opsharness import signal_proc
 
-import ssefan.auth as auth_module
-from ssefan.auth import Credential, ForwardAuth
+import ssefan.edge.auth as auth_module
 from ssefan.config import AuthConfig
-from ssefan.forwarding import TrustedProxies
-from ssefan.pool import ConnectionPool, Origin
+from ssefan.edge.auth import Credential, ForwardAuth
+from ssefan.http.forwarding import TrustedProxies
+from ssefan.http.pool import ConnectionPool, Origin
 
 REVALIDATE = 0.3
 AUTH_TIMEOUT = 0.5

@@ -41,7 +41,7 @@ from harness import (
 )
 from opsharness import CommandProcess, signal_proc
 
-from ssefan.app import MIN_DRAIN_RATE
+from ssefan.ops.app import MIN_DRAIN_RATE
 
 # Longest refusal `retry:` (max_clients and auth_unavailable: 2-8 s) plus the
 # time a reconnect takes: how long a refused EventSource may take to come back.

@@ -15,9 +15,9 @@ from typing import cast
 import pytest
 from harness import StreamDecoder
 
-from ssefan.channel import GAP_EVENT, Channel, DisconnectReason, Subscriber
 from ssefan.config import RouteConfig, StartConfig, UpstreamConfig
-from ssefan.sse import Event, IdOnly, Overflow, encode
+from ssefan.core.sse import Event, IdOnly, Overflow, encode
+from ssefan.stream.channel import GAP_EVENT, Channel, DisconnectReason, Subscriber
 
 
 class FakeTransport:

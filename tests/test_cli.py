@@ -174,7 +174,7 @@ def test_serve_passes_the_loaded_config_to_app(good: Path, monkeypatch: pytest.M
         served.append(config)
         return 7
 
-    fake_module(monkeypatch, "ssefan.app", serve=serve)
+    fake_module(monkeypatch, "ssefan.ops.app", serve=serve)
     assert main(["serve", "--config", str(good)]) == 7
     assert served == [load_config(good)]
 
@@ -185,7 +185,7 @@ def test_serve_with_bad_config_exits_2_without_starting(
     def serve(config: Config) -> int:
         raise AssertionError("serve must not start with a bad config")
 
-    fake_module(monkeypatch, "ssefan.app", serve=serve)
+    fake_module(monkeypatch, "ssefan.ops.app", serve=serve)
     assert main(["serve", "--config", str(bad)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"found 2 problems; fix them and run 'ssefan check --config {bad}' again"
@@ -205,7 +205,7 @@ def test_serve_log_level(
 ) -> None:
     configured: list[dict[str, object]] = []
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: configured.append(kwargs))
-    fake_module(monkeypatch, "ssefan.app", serve=lambda config: 0)
+    fake_module(monkeypatch, "ssefan.ops.app", serve=lambda config: 0)
     assert main(["serve", "--config", str(good), *argv]) == 0
     [kwargs] = configured
     assert kwargs["level"] == level

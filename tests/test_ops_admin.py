@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from harness import DEFAULT_TIMEOUT
 
-from ssefan import admin as admin_module
-from ssefan import metrics
-from ssefan.admin import Admin
+from ssefan.ops import admin as admin_module
+from ssefan.ops import metrics
+from ssefan.ops.admin import Admin
 
 
 class Source:

@@ -20,7 +20,7 @@ from harness import (
 )
 from opsharness import signal_proc
 
-from ssefan.app import DRAIN_RETRY_MS, MIN_DRAIN_RATE
+from ssefan.ops.app import DRAIN_RETRY_MS, MIN_DRAIN_RATE
 
 
 async def open_clients(proc: SsefanProcess, n: int) -> list[AsyncSSEClient]:

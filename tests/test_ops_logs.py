@@ -14,8 +14,8 @@ from harness import FakeUpstream, SsefanProcess, route_config, wait_until, write
 from opsharness import CommandProcess, NotifyReceiver, serve_args, short_socket_path
 
 from ssefan.config import parse_config
-from ssefan.logs import JsonFormatter, KeyValueFormatter, Redactor, config_secrets
-from ssefan.supervisor import Supervisor
+from ssefan.ops.logs import JsonFormatter, KeyValueFormatter, Redactor, config_secrets
+from ssefan.ops.supervisor import Supervisor
 
 
 def record(

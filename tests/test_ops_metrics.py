@@ -21,7 +21,7 @@ from harness import (
 from opsharness import admin_url, get, maybe, scrape, value
 from prometheus_client.parser import text_string_to_metric_families
 
-from ssefan import metrics
+from ssefan.ops import metrics
 
 
 def start(app: FakeUpstream, tmp_path: Path, **route: object) -> SsefanProcess:

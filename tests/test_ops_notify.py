@@ -11,7 +11,7 @@ import pytest
 from harness import FakeUpstream, SsefanProcess, route_config, write_config
 from opsharness import NotifyReceiver, short_socket_path, signal_proc, wait_log
 
-from ssefan.notify import Notifier, watchdog_interval
+from ssefan.ops.notify import Notifier, watchdog_interval
 
 # --- the notifier in memory -----------------------------------------------------------
 

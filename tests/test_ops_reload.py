@@ -26,10 +26,10 @@ from harness import (
 )
 from opsharness import signal_proc, wait_log
 
-from ssefan.channel import Channel, DisconnectReason, Subscriber
 from ssefan.config import AdminConfig, Config, ListenConfig, RouteConfig, UpstreamConfig
-from ssefan.reload import plan
-from ssefan.sse import Event
+from ssefan.core.sse import Event
+from ssefan.ops.reload import plan
+from ssefan.stream.channel import Channel, DisconnectReason, Subscriber
 
 # --- the plan, in memory --------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from harness import (
 )
 from opsharness import signal_proc, wait_log
 
-from ssefan.app import AUTH_RELOAD_WINDOW, DRAIN_RETRY_MS
+from ssefan.ops.app import AUTH_RELOAD_WINDOW, DRAIN_RETRY_MS
 
 
 @pytest.fixture

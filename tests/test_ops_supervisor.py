@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from harness import DEFAULT_TIMEOUT, FakeUpstream, route_config, write_config
 
-from ssefan import supervisor as supervisor_module
-from ssefan import worker as worker_module
 from ssefan.config import ConfigError, parse_config
-from ssefan.supervisor import Supervisor
-from ssefan.worker import read_fd, unix_address
+from ssefan.ops import supervisor as supervisor_module
+from ssefan.ops import worker as worker_module
+from ssefan.ops.supervisor import Supervisor
+from ssefan.ops.worker import read_fd, unix_address
 
 # A child that sends N notify datagrams, says so, and waits for its stdin to close.
 SENDER = (

@@ -48,16 +48,16 @@ from harness import (
     write_config,
 )
 
-import ssefan.proxy as proxy_module
-from ssefan.app import App
+import ssefan.edge.proxy as proxy_module
 from ssefan.config import parse_config
-from ssefan.forwarding import (
+from ssefan.http.forwarding import (
     TargetRedactor,
     TrustedProxies,
     describe_h11_error,
     request_id_from,
     strip_hop_by_hop,
 )
+from ssefan.ops.app import App
 
 MiB = 1024 * 1024
 MAX_BODY = 2 * MiB

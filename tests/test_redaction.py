@@ -1,4 +1,4 @@
-"""Credentials in URLs never reach a printed line: `logs.redact` is the one
+"""Credentials in URLs never reach a printed line: `redact` (ssefan.http.redaction) is the one
 function every printer uses (log lines, `ssefan check`), tested here as a table
 and end to end through a real ssefan's pass-through failures."""
 
@@ -12,7 +12,7 @@ import pytest
 from app_server import TestApp, VerboseSsefan, stop_clean
 from harness import FakeUpstream, RawConnection, SsefanProcess, wait_until, write_config
 
-from ssefan.logs import JsonFormatter, KeyValueFormatter, is_secret_param, redact
+from ssefan.ops.logs import JsonFormatter, KeyValueFormatter, is_secret_param, redact
 
 
 @pytest.mark.parametrize(

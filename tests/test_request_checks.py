@@ -35,11 +35,11 @@ from harness import (
 )
 from opsharness import admin_url, scrape
 
-from ssefan.app import App
 from ssefan.config import RouteConfig, parse_config
-from ssefan.forwarding import forwarded_headers
-from ssefan.paths import routing_path, variant_path
-from ssefan.request_checks import (
+from ssefan.core.paths import routing_path, variant_path
+from ssefan.edge.server import Server
+from ssefan.http.forwarding import forwarded_headers
+from ssefan.http.request_checks import (
     BadRequest,
     CheckedRequest,
     TargetForm,
@@ -47,7 +47,7 @@ from ssefan.request_checks import (
     check_target,
     valid_host,
 )
-from ssefan.server import Server
+from ssefan.ops.app import App
 
 _unique = itertools.count()
 

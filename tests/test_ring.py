@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssefan.ring import EVICTED_MEMORY_MIN, Ring
+from ssefan.core.ring import EVICTED_MEMORY_MIN, Ring
 
 
 def filled(n: int, *, max_events: int = 100, max_bytes: int = 1 << 20, max_age: float = 0) -> Ring:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssefan.sse import (
+from ssefan.core.sse import (
     MAX_RETRY_MS,
     Event,
     IdOnly,
@@ -880,6 +880,6 @@ def test_parser_agrees_with_a_naive_spec_transcription(body: bytes) -> None:
     ],
 )
 def test_resumable_id(value: str, expected: bool) -> None:
-    from ssefan.sse import resumable_id
+    from ssefan.core.sse import resumable_id
 
     assert resumable_id(value) is expected

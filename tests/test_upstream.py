@@ -26,8 +26,8 @@ from harness import (
 )
 
 from ssefan.config import UpstreamConfig
-from ssefan.sse import Event, IdOnly, Overflow
-from ssefan.upstream import Upstream
+from ssefan.core.sse import Event, IdOnly, Overflow
+from ssefan.stream.upstream import Upstream
 
 BACKOFF_MAX = 0.2  # what fast_upstream() configures
 RECONNECT_DELAY = re.compile(r"reconnecting to upstream in ([0-9.]+)s")

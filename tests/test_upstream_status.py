@@ -31,7 +31,7 @@ from harness import (
 from opsharness import admin_url, get
 
 from ssefan.config import UpstreamConfig
-from ssefan.upstream import FailureKind, Upstream, UpstreamFailure, UpstreamState
+from ssefan.stream.upstream import FailureKind, Upstream, UpstreamFailure, UpstreamState
 
 # Short, fixed backoff: each wait is uniform in [0, 0.4 s], long enough for
 # /readyz to be read in backoff, short enough for several failures per second.

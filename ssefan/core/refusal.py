@@ -19,7 +19,7 @@ import enum
 import json
 import random
 
-from .sse import Event, encode, encode_comment
+from ssefan.core.sse import Event, encode, encode_comment
 
 __all__ = ["REFUSAL_EVENT", "RefusalReason", "refusal_body"]
 

@@ -43,8 +43,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from .config import AuthConfig, Config, RouteConfig
-from .forwarding import (
+from ssefan.config import AuthConfig, Config, RouteConfig
+from ssefan.http.forwarding import (
     Header,
     TrustedProxies,
     forwarded_headers,
@@ -52,7 +52,13 @@ from .forwarding import (
     new_request_id,
     without_params,
 )
-from .pool import ConnectionPool, Origin, OriginClosed, OriginConnection, OriginProtocolError
+from ssefan.http.pool import (
+    ConnectionPool,
+    Origin,
+    OriginClosed,
+    OriginConnection,
+    OriginProtocolError,
+)
 
 __all__ = [
     "AuthDecision",

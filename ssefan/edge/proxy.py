@@ -34,8 +34,8 @@ from typing import Protocol, TypeVar
 
 import h11
 
-from .config import Config, ProxyConfig
-from .forwarding import (
+from ssefan.config import Config, ProxyConfig
+from ssefan.http.forwarding import (
     Header,
     TargetRedactor,
     TrustedProxies,
@@ -49,8 +49,14 @@ from .forwarding import (
     request_id_from,
     strip_hop_by_hop,
 )
-from .pool import ConnectionPool, Origin, OriginClosed, OriginConnection, OriginProtocolError
-from .request_checks import CheckedRequest
+from ssefan.http.pool import (
+    ConnectionPool,
+    Origin,
+    OriginClosed,
+    OriginConnection,
+    OriginProtocolError,
+)
+from ssefan.http.request_checks import CheckedRequest
 
 __all__ = ["Downstream", "Proxy", "ProxyStats"]
 

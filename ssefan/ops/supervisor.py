@@ -44,12 +44,12 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import logs, metrics, sockets
-from . import reload as reloading
-from .admin import Admin
-from .config import Config, ConfigError, parse_config
-from .notify import Notifier, watchdog_interval
-from .worker import (
+from ssefan.config import Config, ConfigError, parse_config
+from ssefan.ops import logs, metrics, sockets
+from ssefan.ops import reload as reloading
+from ssefan.ops.admin import Admin
+from ssefan.ops.notify import Notifier, watchdog_interval
+from ssefan.ops.worker import (
     ALL_VARIABLES,
     ENV_ADMIN_SOCKET,
     ENV_CONFIG_FD,

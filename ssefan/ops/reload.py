@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .config import Config, ListenConfig, RouteConfig
+from ssefan.config import Config, ListenConfig, RouteConfig
 
 __all__ = ["ReloadPlan", "keep_fixed", "plan"]
 

@@ -6,7 +6,7 @@ headers to add, or None when the origin is not allowed.
 
 from __future__ import annotations
 
-from .config import CorsConfig
+from ssefan.config import CorsConfig
 
 __all__ = ["ALLOWED_METHODS", "ALLOWED_REQUEST_HEADERS", "preflight_headers", "response_headers"]
 

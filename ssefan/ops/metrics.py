@@ -17,12 +17,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from .channel import Channel, DisconnectReason
-from .upstream import Upstream, UpstreamState
+from ssefan.stream.channel import Channel, DisconnectReason
+from ssefan.stream.upstream import Upstream, UpstreamState
 
 if TYPE_CHECKING:
-    from .auth import AuthStats
-    from .proxy import ProxyStats
+    from ssefan.edge.auth import AuthStats
+    from ssefan.edge.proxy import ProxyStats
 
 __all__ = [
     "CONTENT_TYPE",

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import h11
 
-from .flow import Inbox, WriteGate
-from .forwarding import describe_exception, describe_h11_error
+from ssefan.http.flow import Inbox, WriteGate
+from ssefan.http.forwarding import describe_exception, describe_h11_error
 
 __all__ = [
     "ConnectionPool",

@@ -31,16 +31,16 @@ from urllib.parse import parse_qs
 
 import h11
 
-from . import cors
-from .auth import UNAVAILABLE, AuthDecision, Credential, ForwardAuth
-from .channel import Channel, DisconnectReason, Subscriber
-from .config import Config, RouteConfig
-from .flow import Inbox, WriteGate
-from .forwarding import describe_h11_error, raw_response
-from .paths import routing_path, variant_path
-from .refusal import RefusalReason, refusal_body
-from .request_checks import BadRequest, CheckedRequest, TargetForm, check_request
-from .sse import encode_comment, encode_retry
+from ssefan.config import Config, RouteConfig
+from ssefan.core.paths import routing_path, variant_path
+from ssefan.core.refusal import RefusalReason, refusal_body
+from ssefan.core.sse import encode_comment, encode_retry
+from ssefan.edge import cors
+from ssefan.edge.auth import UNAVAILABLE, AuthDecision, Credential, ForwardAuth
+from ssefan.http.flow import Inbox, WriteGate
+from ssefan.http.forwarding import describe_h11_error, raw_response
+from ssefan.http.request_checks import BadRequest, CheckedRequest, TargetForm, check_request
+from ssefan.stream.channel import Channel, DisconnectReason, Subscriber
 
 __all__ = ["HTTPConnection", "Server"]
 

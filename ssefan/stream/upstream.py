@@ -28,10 +28,10 @@ from typing import Protocol
 
 import h11
 
-from .config import UpstreamConfig
-from .logs import redact
-from .pool import split_url
-from .sse import Event, IdOnly, Overflow, Parser, resumable_id
+from ssefan.config import UpstreamConfig
+from ssefan.core.sse import Event, IdOnly, Overflow, Parser, resumable_id
+from ssefan.http.pool import split_url
+from ssefan.http.redaction import redact
 
 __all__ = ["FailureKind", "LastFailure", "Upstream", "UpstreamState"]
 

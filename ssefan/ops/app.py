@@ -18,19 +18,20 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from . import __version__, logs, metrics
-from . import reload as reloading
-from .admin import Admin
-from .auth import ForwardAuth, forward_auth, forward_auths, unused_pools
-from .channel import Channel, DisconnectReason, Subscriber
-from .config import Config, ConfigError, RouteConfig, load_config
-from .notify import Notifier, watchdog_interval
-from .pool import ConnectionPool, Origin
-from .proxy import Proxy
-from .server import Server
-from .sockets import LISTEN_BACKLOG, listen_error, systemd_listener
-from .upstream import Upstream, UpstreamState
-from .worker import WorkerEnv
+from ssefan import __version__
+from ssefan.config import Config, ConfigError, RouteConfig, load_config
+from ssefan.edge.auth import ForwardAuth, forward_auth, forward_auths, unused_pools
+from ssefan.edge.proxy import Proxy
+from ssefan.edge.server import Server
+from ssefan.http.pool import ConnectionPool, Origin
+from ssefan.ops import logs, metrics
+from ssefan.ops import reload as reloading
+from ssefan.ops.admin import Admin
+from ssefan.ops.notify import Notifier, watchdog_interval
+from ssefan.ops.sockets import LISTEN_BACKLOG, listen_error, systemd_listener
+from ssefan.ops.worker import WorkerEnv
+from ssefan.stream.channel import Channel, DisconnectReason, Subscriber
+from ssefan.stream.upstream import Upstream, UpstreamState
 
 __all__ = ["App", "run", "serve"]
 
@@ -631,7 +632,7 @@ def serve(config: Config) -> int:
 
     `workers: N > 1` starts a supervisor, which runs N of these processes."""
     if config.workers > 1 and WorkerEnv.from_env() is None:
-        from .supervisor import supervise
+        from ssefan.ops.supervisor import supervise
 
         return supervise(config)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:

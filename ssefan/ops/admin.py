@@ -31,9 +31,9 @@ from typing import Protocol, runtime_checkable
 
 import h11
 
-from . import metrics
-from .sse import encode_comment
-from .upstream import Upstream
+from ssefan.core.sse import encode_comment
+from ssefan.ops import metrics
+from ssefan.stream.upstream import Upstream
 
 __all__ = ["Admin", "AdminSource"]
 

@@ -27,10 +27,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from .config import RouteConfig
-from .refusal import RefusalReason
-from .ring import Ring
-from .sse import (
+from ssefan.config import RouteConfig
+from ssefan.core.refusal import RefusalReason
+from ssefan.core.ring import Ring
+from ssefan.core.sse import (
     Event,
     IdOnly,
     Overflow,

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 from urllib.parse import parse_qsl, urlencode
 
-from .request_checks import valid_host
+from ssefan.http.request_checks import valid_host
 
 __all__ = [
     "HOP_BY_HOP",

@@ -29,8 +29,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Config, ConfigError, parse_config
-from .sockets import adopt, bind_listener
+from ssefan.config import Config, ConfigError, parse_config
+from ssefan.ops.sockets import adopt, bind_listener
 
 __all__ = ["WorkerEnv"]
 
