@@ -2,7 +2,7 @@
 
 The public surface is what this module names; everything else is internal and
 may move. The package is layered (docs/architecture.md, kept by
-tests/test_layering.py): core <- config <- http <- stream <- edge <- ops, with
+tests/unit/test_layering.py): core <- config <- http <- stream <- edge <- ops, with
 cli and demo on top.
 """
 

@@ -43,7 +43,7 @@ def stream_upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[TestApp]:
-    """The app behind pass-through and forward-auth (tests/app_server.py)."""
+    """The app behind pass-through and forward-auth (tests/support/app_server.py)."""
     server = TestApp().start()
     try:
         yield server

@@ -28,7 +28,7 @@ from ssefan.config import (
     parse_size,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.yaml"
 DOCS = ROOT / "docs" / "configuration.md"
 

@@ -1,5 +1,5 @@
 // A real EventSource (the npm `eventsource` package, WHATWG semantics) reading
-// one stream, driven by tests/test_interop.py.
+// one stream, driven by tests/e2e/test_interop.py.
 //
 //   node eventsource_client.mjs URL
 //

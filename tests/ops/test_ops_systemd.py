@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-UNITS = Path(__file__).parent.parent / "systemd"
+UNITS = Path(__file__).parents[2] / "systemd"
 # `systemd-analyze security` scores exposure from 0 (locked down) to 10;
 # --threshold counts in tenths. The unit scores 1.1 ("OK"); fail past 1.5.
 MAX_EXPOSURE_TENTHS = 15

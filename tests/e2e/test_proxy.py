@@ -1,4 +1,4 @@
-"""Pass-through to a real app on loopback (tests/app_server.py, stdlib http.server).
+"""Pass-through to a real app on loopback (tests/support/app_server.py, stdlib http.server).
 
 Every request that is not a stream route goes to `app`: bodies both ways
 without buffering, keep-alive pooling, hop-by-hop headers dropped,

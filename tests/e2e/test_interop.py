@@ -18,7 +18,7 @@ Events keep being published the whole time, before, during and after the
 disconnect; each client must see every id exactly once, in order.
 
 Node and the package are installed by `.ci/run` (`npm ci --prefix
-tests/interop`). Without them the Node test fails with the command to run,
+tests/support/interop`). Without them the Node test fails with the command to run,
 unless SSEFAN_SKIP_NODE=1 says to skip it.
 """
 
@@ -37,7 +37,7 @@ import pytest
 from harness import CutProxy, FakeUpstream, SsefanProcess, running, wait_until
 from httpx_sse import ServerSentEvent, connect_sse
 
-INTEROP_DIR = Path(__file__).parent / "interop"
+INTEROP_DIR = Path(__file__).parents[1] / "support" / "interop"
 NODE_SCRIPT = INTEROP_DIR / "eventsource_client.mjs"
 # Events a client reads before the disconnect, and after reconnecting before
 # the publisher stops.
@@ -207,7 +207,7 @@ def node_or_fail() -> str:
 
 
 class NodeEventSource:
-    """tests/interop/eventsource_client.mjs as a subprocess; its JSON lines, parsed."""
+    """tests/support/interop/eventsource_client.mjs as a subprocess; its JSON lines, parsed."""
 
     def __init__(self, node: str, url: str) -> None:
         self.records: list[dict[str, object]] = []

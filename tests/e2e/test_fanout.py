@@ -1,7 +1,7 @@
 """Fan-out over loopback: one upstream subscription, many clients, every event once.
 
 ssefan runs as a subprocess in front of a real upstream SSE app; clients are raw
-sockets with their own parser (tests/harness.py).
+sockets with their own parser (tests/support/harness.py).
 """
 
 from __future__ import annotations
