@@ -78,7 +78,6 @@ class Server:
     config: Config
     channels: dict[str, Channel]
     connections: set[HTTPConnection] = field(default_factory=set)
-    streams: int = 0
     # Counters for refusals, by status code.
     refused: dict[int, int] = field(default_factory=dict)
     # Called for requests to paths that are not stream routes; True if it answered
@@ -468,7 +467,7 @@ class HTTPConnection(asyncio.Protocol):
             # closed rather than stream to whoever asks.
             log.warning(
                 "route=%s forward-auth settings not in force (the last reload did not apply"
-                " them): streams are refused with 503; reload again (SIGHUP) or restart"
+                " them): streams are refused (auth_unavailable); reload again (SIGHUP) or restart"
                 " ssefan, and if it persists check routes[path=%s].auth (url) in the config",
                 route.path,
                 route.path,
@@ -560,9 +559,7 @@ class HTTPConnection(asyncio.Protocol):
             # client to the next instance after a short pause instead.
             self._refuse(channel, RefusalReason.SHUTTING_DOWN, cors_headers)
             return True
-        if self._over_capacity(channel):
-            # Refused at the door: counted per route with the stream endings, as "limit".
-            channel.stats.disconnects[DisconnectReason.LIMIT] += 1
+        if not channel.admits():
             self._refuse(channel, RefusalReason.MAX_CLIENTS, cors_headers)
             return True
         return False
@@ -581,7 +578,7 @@ class HTTPConnection(asyncio.Protocol):
         connection closes after it, so nothing reuses it into this process.
         """
         route = channel.route
-        channel.stats.refusals[reason] += 1
+        channel.refused(reason)
         closing = self.server.draining
         if route.refuse == "status":
             self.server.count_refusal(503)
@@ -627,19 +624,12 @@ class HTTPConnection(asyncio.Protocol):
         self._write(head)
         subscriber.send(opening)
         self.subscriber, self.channel = subscriber, channel
-        self.server.streams += 1
         # A stream never parses or frames through h11 again (every path that
         # would is behind `subscriber is None`); its parser state is ~2 KB that
         # an idle stream would otherwise carry. Deleting it, rather than
         # sharing a placeholder, makes any stray use fail loudly.
         del self.conn
         channel.subscribe(subscriber, self._last_event_id(request, query))
-
-    def _over_capacity(self, channel: Channel) -> bool:
-        route_cap = channel.route.max_clients
-        if route_cap is not None and channel.client_count >= route_cap:
-            return True
-        return self.server.streams >= self.config.max_clients
 
     @staticmethod
     def _last_event_id(request: h11.Request, query: str) -> str | None:
@@ -654,7 +644,6 @@ class HTTPConnection(asyncio.Protocol):
         return None
 
     def _stream_closed(self, reason: DisconnectReason) -> None:
-        self.server.streams -= 1
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None

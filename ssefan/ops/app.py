@@ -30,7 +30,7 @@ from ssefan.ops.admin import Admin
 from ssefan.ops.notify import Notifier, watchdog_interval
 from ssefan.ops.sockets import LISTEN_BACKLOG, listen_error, systemd_listener
 from ssefan.ops.worker import WorkerEnv
-from ssefan.stream.channel import Channel, DisconnectReason, Subscriber
+from ssefan.stream.channel import Channel, DisconnectReason, StreamBudget, Subscriber
 from ssefan.stream.upstream import Upstream, UpstreamState
 
 __all__ = ["App", "run", "serve"]
@@ -70,6 +70,8 @@ class App:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.channels: dict[str, Channel] = {}
+        # max_clients across every route, counted by the channels themselves.
+        self.budget = StreamBudget(config.max_clients)
         self.upstreams: dict[str, Upstream] = {}
         self.server: Server | None = None
         self.listener: asyncio.Server | None = None
@@ -128,7 +130,7 @@ class App:
             log.info("worker accepting connections at %s", self.url)
 
     def _add_route(self, route: RouteConfig) -> Channel:
-        channel = Channel(route, loop=asyncio.get_running_loop())
+        channel = Channel(route, loop=asyncio.get_running_loop(), budget=self.budget)
         channel.attach_source(self._new_upstream(route, channel))
         self.channels[route.path] = channel
         return channel
@@ -232,6 +234,7 @@ class App:
         self.config = new
         if self.server is not None:
             self.server.config = new  # limits and timeouts apply to new connections
+        self.budget.limit = new.max_clients
         self._upstream_changed.set()
         streams = [
             (self.channels[path], sub)

@@ -102,6 +102,25 @@ class Source(Protocol):
     def stop(self) -> None: ...
 
 
+class StreamBudget:
+    """Streams open at once across one process's channels, against `max_clients`.
+
+    Shared by every channel; each channel counts its own streams in and out
+    (Channel.subscribe and the one place a stream ends), so there is one owner
+    of stream accounting and no count to keep in step elsewhere.
+    """
+
+    __slots__ = ("limit", "open")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # a reload may change it; streams already open stay
+        self.open = 0
+
+    @property
+    def full(self) -> bool:
+        return self.open >= self.limit
+
+
 class ChannelStats:
     """Plain counters, bumped where the work happens and rendered on scrape."""
 
@@ -186,8 +205,11 @@ class Channel:
         *,
         loop: asyncio.AbstractEventLoop,
         clock: Callable[[], float] = time.monotonic,
+        budget: StreamBudget | None = None,
     ) -> None:
         self.route = route
+        # Without a budget (tests, benchmarks): only the route's own cap applies.
+        self.budget = budget if budget is not None else StreamBudget(limit=2**62)
         self.loop = loop
         self.clock = clock
         self.ring = Ring(
@@ -323,6 +345,20 @@ class Channel:
             self.upstream_disconnected()
 
     # -- introspection --------------------------------------------------------
+
+    def admits(self) -> bool:
+        """Whether a new stream fits: the route's `max_clients` and the process's."""
+        cap = self.route.max_clients
+        if cap is not None and self.client_count >= cap:
+            return False
+        return not self.budget.full
+
+    def refused(self, reason: RefusalReason) -> None:
+        """Count a stream refused at the door (the client was told to retry)."""
+        self.stats.refusals[reason] += 1
+        if reason is RefusalReason.MAX_CLIENTS:
+            # Counted with the stream endings too, as "limit".
+            self.stats.disconnects[DisconnectReason.LIMIT] += 1
 
     @property
     def client_count(self) -> int:
@@ -520,8 +556,11 @@ class Channel:
         """Register a client whose response headers are already written.
 
         Computing the replay start and joining the live set happen in this one
-        synchronous call: no event can slip between replay and live.
+        synchronous call: no event can slip between replay and live. The stream
+        counts against the budget from here until `_drop`, which every ending
+        goes through.
         """
+        self.budget.open += 1
         if self.closed:
             # The route went away (reload) between the request and now: end
             # the stream at once; the client reconnects to the current config.
@@ -632,6 +671,7 @@ class Channel:
         if sub.closed:
             return
         sub.closed = True
+        self.budget.open -= 1
         self._live_chunked.pop(sub, None)
         self._live_raw.pop(sub, None)
         self._lagging.discard(sub)

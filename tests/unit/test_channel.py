@@ -16,8 +16,9 @@ import pytest
 from harness import StreamDecoder
 
 from ssefan.config import RouteConfig, StartConfig, UpstreamConfig
+from ssefan.core.refusal import RefusalReason
 from ssefan.core.sse import Event, IdOnly, Overflow, encode
-from ssefan.stream.channel import GAP_EVENT, Channel, DisconnectReason, Subscriber
+from ssefan.stream.channel import GAP_EVENT, Channel, DisconnectReason, StreamBudget, Subscriber
 
 
 class FakeTransport:
@@ -91,10 +92,9 @@ class Client:
 
 
 def route(**keys: object) -> RouteConfig:
-    base: dict[str, object] = {"heartbeat": 3600.0}
+    base: dict[str, object] = {"heartbeat": 3600.0, "path": "/events"}
     base.update(keys)
     return RouteConfig(
-        path="/events",
         upstream=UpstreamConfig(url="http://127.0.0.1:9/events"),
         **base,  # type: ignore[arg-type]
     )
@@ -669,3 +669,50 @@ def test_a_waiting_client_can_leave_and_gets_heartbeats(loop: asyncio.AbstractEv
     run_until(loop, lambda: bool(staying.transport.writes))
     assert staying.decoded().events == [] and b":" in b"".join(staying.transport.writes)
     channel.close()
+
+
+# --------------------------------------------------------------------------- stream accounting
+
+
+def test_channels_sharing_a_budget_count_their_streams_in_and_out(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    budget = StreamBudget(limit=2)
+    first = Channel(route(path="/a"), loop=loop, budget=budget)
+    second = Channel(route(path="/b"), loop=loop, budget=budget)
+    a, b = Client(first), Client(second)
+    first.subscribe(a.sub, None)
+    assert second.admits() and budget.open == 1
+    second.subscribe(b.sub, None)
+    assert budget.open == 2 and not first.admits() and not second.admits()
+    first.unsubscribe(a.sub)  # the client went away
+    assert budget.open == 1 and first.admits()
+    second.end_stream(b.sub, DisconnectReason.DRAIN)
+    second.unsubscribe(b.sub)  # its connection_lost after: counted once
+    assert budget.open == 0
+
+
+def test_a_closed_channel_and_the_route_cap_keep_the_count_exact(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    budget = StreamBudget(limit=10)
+    channel = Channel(route(max_clients=1), loop=loop, budget=budget)
+    client = Client(channel)
+    channel.subscribe(client.sub, None)
+    assert not channel.admits() and budget.open == 1  # the route's cap, not the budget
+    channel.close()
+    assert budget.open == 0
+    late = Client(channel)
+    channel.subscribe(late.sub, None)  # ended at once: in and out
+    assert budget.open == 0 and late.reasons == [DisconnectReason.DRAIN]
+
+
+def test_a_refusal_for_max_clients_counts_as_a_limit_ending(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    channel = make_channel(loop)
+    channel.refused(RefusalReason.MAX_CLIENTS)
+    channel.refused(RefusalReason.SHUTTING_DOWN)
+    assert channel.stats.refusals[RefusalReason.MAX_CLIENTS] == 1
+    assert channel.stats.refusals[RefusalReason.SHUTTING_DOWN] == 1
+    assert channel.stats.disconnects[DisconnectReason.LIMIT] == 1
