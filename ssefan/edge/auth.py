@@ -47,6 +47,7 @@ from ssefan.config import AuthConfig, Config, RouteConfig
 from ssefan.http.forwarding import (
     Header,
     TrustedProxies,
+    describe_exception,
     forwarded_headers,
     header_values,
     new_request_id,
@@ -383,7 +384,7 @@ class ForwardAuth:
         except TimeoutError:
             reason = f"no answer within {timeout:g}s"
         except (OSError, OriginProtocolError) as exc:
-            reason = _describe(exc)
+            reason = describe_exception(exc)
         else:
             log.debug(
                 "route=%s auth request=%s credential=%s -> %d",
@@ -610,7 +611,3 @@ def _denial_size(decision: AuthDecision) -> int:
     """What a cached denial costs, as counted against DENIAL_CACHE_BYTES."""
     headers = sum(len(name) + len(value) for name, value in decision.headers)
     return len(decision.body) + headers + len(decision.content_type)
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -45,7 +45,6 @@ from ssefan.http.forwarding import (
     forwarded_headers,
     header_values,
     new_request_id,
-    raw_response,
     request_id_from,
     strip_hop_by_hop,
 )
@@ -57,6 +56,7 @@ from ssefan.http.pool import (
     OriginProtocolError,
 )
 from ssefan.http.request_checks import CheckedRequest
+from ssefan.http.responses import is_event_stream, raw_response
 
 __all__ = ["Downstream", "Proxy", "ProxyStats"]
 
@@ -651,7 +651,8 @@ def _response_headers(response: h11.Response) -> list[Header]:
         # read the body by it. The length is not the body's: forwarded, it
         # would mis-frame the body for the client (h11 frames it anew).
         headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
-    if _is_event_stream(headers):
+    content_type = header_values(headers, b"content-type")
+    if content_type and is_event_stream(content_type[0]):
         headers = _without_buffering(headers)
     return headers
 
@@ -662,12 +663,6 @@ def _is_switch(event: _ToClient) -> bool:
 
 def _unrelayable(exc: h11.LocalProtocolError) -> str:
     return f"the app's response can't be relayed as HTTP/1.1 ({describe_h11_error(exc)})"
-
-
-def _is_event_stream(headers: list[Header]) -> bool:
-    for value in header_values(headers, b"content-type"):
-        return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
 
 
 def _without_buffering(headers: list[Header]) -> list[Header]:

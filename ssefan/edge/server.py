@@ -25,7 +25,6 @@ import logging
 import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import parse_qs
 
@@ -38,8 +37,9 @@ from ssefan.core.sse import encode_comment, encode_retry
 from ssefan.edge import cors
 from ssefan.edge.auth import UNAVAILABLE, AuthDecision, Credential, ForwardAuth
 from ssefan.http.flow import Inbox, WriteGate
-from ssefan.http.forwarding import describe_h11_error, raw_response
+from ssefan.http.forwarding import describe_h11_error
 from ssefan.http.request_checks import BadRequest, CheckedRequest, TargetForm, check_request
+from ssefan.http.responses import raw_response, response_head
 from ssefan.stream.channel import Channel, DisconnectReason, Subscriber
 
 __all__ = ["HTTPConnection", "Server"]
@@ -144,10 +144,6 @@ class Server:
 
     def count_refusal(self, status: int) -> None:
         self.refused[status] = self.refused.get(status, 0) + 1
-
-
-def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
-    return h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -611,10 +607,10 @@ class HTTPConnection(asyncio.Protocol):
         headers = STREAM_HEADERS + cors_headers
         conn = self.conn
         if request.method == b"HEAD":
-            self._write(conn.send(_response(200, headers)))
+            self._write(conn.send(response_head(200, headers)))
             self._write(conn.send(h11.EndOfMessage()))
             return
-        head = conn.send(_response(200, headers))
+        head = conn.send(response_head(200, headers))
         assert self.transport is not None
         chunked = conn.their_http_version == b"1.1"
         subscriber = Subscriber(self.transport, chunked=chunked, on_close=self._stream_closed)
@@ -788,7 +784,7 @@ class HTTPConnection(asyncio.Protocol):
         if close:
             all_headers.append((b"connection", b"close"))
         conn = self.conn
-        out = conn.send(_response(status, all_headers))
+        out = conn.send(response_head(status, all_headers))
         if payload and not self._head_only:
             out += conn.send(h11.Data(data=payload))
         out += conn.send(h11.EndOfMessage())

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["INBOX_HIGH_WATER", "Inbox", "WriteGate"]
+__all__ = ["INBOX_HIGH_WATER", "READ_WINDOW", "Inbox", "WriteGate"]
 
-# Bytes received but not yet consumed before reading pauses. 64 KiB is
-# asyncio's own StreamReader limit: one socket read's worth, enough to keep a
-# loopback pipe full, small enough that 10 000 stalled exchanges pin < 1 GiB.
-INBOX_HIGH_WATER = 64 * 1024
+# How much of a peer's bytes ssefan takes in at a time, wherever it reads a
+# stream: asyncio's own StreamReader limit (`asyncio.streams`' default
+# `limit`), one socket read's worth and enough to keep a loopback pipe full.
+READ_WINDOW = 64 * 1024
+# Bytes received but not yet consumed before reading pauses: one read window,
+# small enough that 10 000 stalled exchanges pin < 1 GiB.
+INBOX_HIGH_WATER = READ_WINDOW
 
 
 class Inbox:

@@ -20,7 +20,6 @@ import ipaddress
 import re
 import secrets
 from collections.abc import Iterable, Sequence
-from http import HTTPStatus
 from urllib.parse import parse_qsl, urlencode
 
 from ssefan.http.request_checks import valid_host
@@ -37,7 +36,6 @@ __all__ = [
     "forwarded_headers",
     "header_values",
     "new_request_id",
-    "raw_response",
     "request_id_from",
     "strip_hop_by_hop",
     "without_params",
@@ -213,23 +211,6 @@ def describe_h11_error(exc: Exception) -> str:
 def describe_exception(exc: BaseException) -> str:
     """An exception as a log fragment: its type, and its message when it has one."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def raw_response(status: int, body: str, extra: Sequence[Header] = ()) -> bytes:
-    """A complete plain-text `Connection: close` response, built without h11.
-
-    For where h11 can no longer frame an answer: the request head was malformed
-    or never finished, or h11 refused the head we tried to send.
-    """
-    payload = body.encode("utf-8")
-    lines = [
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode("ascii"),
-        b"content-type: text/plain; charset=utf-8",
-        b"content-length: %d" % len(payload),
-        b"connection: close",
-        *[name + b": " + value for name, value in extra],
-    ]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
 
 
 def new_request_id() -> str:

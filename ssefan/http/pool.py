@@ -27,6 +27,7 @@ import h11
 
 from ssefan.http.flow import Inbox, WriteGate
 from ssefan.http.forwarding import describe_exception, describe_h11_error
+from ssefan.http.responses import MAX_RESPONSE_HEAD
 
 __all__ = [
     "ConnectionPool",
@@ -38,10 +39,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("ssefan.pool")
-
-# h11's bound on a response head from the app. 64 KiB leaves room for large
-# Set-Cookie and CSP headers; nothing legitimate comes close.
-MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class OriginClosed(ConnectionError):

@@ -25,14 +25,15 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from http import HTTPStatus
 from importlib import resources
 from typing import Protocol, runtime_checkable
 
 import h11
 
 from ssefan.core.sse import encode_comment
+from ssefan.http.responses import response_head
 from ssefan.ops import metrics
+from ssefan.ops.sockets import http_url
 from ssefan.stream.upstream import Upstream
 
 __all__ = ["Admin", "AdminSource"]
@@ -105,7 +106,7 @@ class Admin:
     def url(self) -> str:
         assert self.server is not None
         host, port = self.server.sockets[0].getsockname()[:2]
-        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+        return http_url(str(host), port)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -175,7 +176,7 @@ class Admin:
             (b"connection", b"close"),
         ]
         writer.write(
-            conn.send(_response(200, headers)) + conn.send(h11.Data(data=encode_comment("")))
+            conn.send(response_head(200, headers)) + conn.send(h11.Data(data=encode_comment("")))
         )
         seen = 0
         with self._status.viewing():
@@ -293,10 +294,6 @@ async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h
         return None  # ConnectionClosed before a request
 
 
-def _response(status: int, headers: list[tuple[bytes, bytes]]) -> h11.Response:
-    return h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase)
-
-
 async def _respond(
     conn: h11.Connection,
     writer: asyncio.StreamWriter,
@@ -311,7 +308,7 @@ async def _respond(
         (b"cache-control", b"no-store"),
         (b"connection", b"close"),
     ]
-    out = conn.send(_response(status, headers))
+    out = conn.send(response_head(status, headers))
     if head != b"HEAD":
         out += conn.send(h11.Data(data=body))
     writer.write(out + conn.send(h11.EndOfMessage()))

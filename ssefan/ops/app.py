@@ -28,7 +28,7 @@ from ssefan.ops import logs, metrics
 from ssefan.ops import reload as reloading
 from ssefan.ops.admin import Admin
 from ssefan.ops.notify import Notifier, watchdog_interval
-from ssefan.ops.sockets import LISTEN_BACKLOG, listen_error, systemd_listener
+from ssefan.ops.sockets import LISTEN_BACKLOG, http_url, listen_error, systemd_listener
 from ssefan.ops.worker import WorkerEnv
 from ssefan.stream.channel import Channel, DisconnectReason, StreamBudget, Subscriber
 from ssefan.stream.upstream import Upstream, UpstreamState
@@ -153,8 +153,7 @@ class App:
 
     @property
     def url(self) -> str:
-        host, port = self.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return http_url(*self.address)
 
     # -- readiness and metrics ---------------------------------------------------
 

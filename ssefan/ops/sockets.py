@@ -27,6 +27,7 @@ __all__ = [
     "SD_LISTEN_FDS_START",
     "ListenError",
     "bind_listener",
+    "http_url",
     "listen_error",
     "port_holder",
     "reserve_port",
@@ -40,6 +41,11 @@ SD_LISTEN_FDS_START = 3
 # Pending connections the kernel queues for us. A reconnect storm of thousands
 # of browsers arrives within a second; 4096 is also nginx's default on Linux.
 LISTEN_BACKLOG = 4096
+
+
+def http_url(host: str, port: int) -> str:
+    """The http:// URL of a listening address; an IPv6 host goes in brackets (RFC 3986 §3.2.2)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def systemd_listener(environ: MutableMapping[str, str] = os.environ) -> socket.socket | None:

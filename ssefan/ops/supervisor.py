@@ -222,7 +222,7 @@ class Supervisor:
         sock = self._listener or self._reserved
         assert sock is not None
         host, port = sock.getsockname()[:2]
-        return f"http://[{host}]:{port}" if ":" in str(host) else f"http://{host}:{port}"
+        return sockets.http_url(str(host), port)
 
     def _spawn_task(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -56,14 +56,15 @@ log = logging.getLogger("ssefan.channel")
 # exactly (unknown or already evicted). Browsers see events, not headers.
 GAP_EVENT = "ssefan-gap"
 
-# A catch-up write (replay or recovery after backpressure) carries at most this
-# much; the transport's high-water mark then decides whether to go on at once.
-CATCH_UP_SLICE_BYTES = 64 * 1024
 # Per-client transport buffer before `pause_writing`. 64 KiB is asyncio's own
 # default; with 10 000 clients that still bounds user-space buffers to ~640 MiB
 # in the worst case where every client stops reading at once.
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = 16 * 1024
+# A catch-up write (replay or recovery after backpressure) carries at most one
+# high-water mark's worth; the mark then decides whether to go on at once. So
+# what one client has buffered stays within about twice the mark.
+CATCH_UP_SLICE_BYTES = WRITE_HIGH_WATER
 
 _TERMINAL_CHUNK = b"0\r\n\r\n"
 

@@ -30,18 +30,19 @@ import h11
 
 from ssefan.config import UpstreamConfig
 from ssefan.core.sse import Event, IdOnly, Overflow, Parser, resumable_id
+from ssefan.http.flow import READ_WINDOW
+from ssefan.http.forwarding import describe_exception
 from ssefan.http.pool import split_url
 from ssefan.http.redaction import redact
+from ssefan.http.responses import MAX_RESPONSE_HEAD, is_event_stream
 
 __all__ = ["FailureKind", "LastFailure", "Upstream", "UpstreamState"]
 
 log = logging.getLogger("ssefan.upstream")
 
-# One read from the upstream socket. 64 KiB is asyncio's default buffer and
-# holds hundreds of typical events: a burst is parsed and fanned out as one batch.
-READ_SIZE = 64 * 1024
-# h11's bound on the upstream's response head; 64 KiB allows generous cookies.
-MAX_RESPONSE_HEAD = 64 * 1024
+# One read from the upstream socket: asyncio's own read window, which holds
+# hundreds of typical events, so a burst is parsed and fanned out as one batch.
+READ_SIZE = READ_WINDOW
 # An upstream `retry:` is honoured as the backoff base, within these bounds:
 # a 0 ms retry must not turn a failing app into a busy loop.
 MIN_RETRY_BASE = 0.1
@@ -127,12 +128,6 @@ class UpstreamFailure(Exception):
     def __init__(self, kind: FailureKind, text: str) -> None:
         super().__init__(text)
         self.kind = kind
-
-
-def _is_event_stream(content_type: bytes) -> bool:
-    # WHATWG: compare the MIME type's essence; parameters and a trailing ';' are fine.
-    essence = content_type.split(b";", 1)[0].strip().lower()
-    return essence == b"text/event-stream"
 
 
 class Upstream:
@@ -451,7 +446,7 @@ class Upstream:
         for name, value in response.headers:
             if name == b"content-type":
                 content_type = value
-        if not _is_event_stream(content_type):
+        if not is_event_stream(content_type):
             shown = content_type.decode("latin-1") or "none"
             raise UpstreamFailure(
                 FailureKind.CONTENT_TYPE,
@@ -486,13 +481,9 @@ class Upstream:
         if isinstance(exc, socket.gaierror):
             return FailureKind.DNS, f"host {self.origin.host!r} does not resolve ({exc.strerror})"
         if isinstance(exc, ConnectionError):
-            return FailureKind.CLOSED, f"connection to {where} lost ({_name(exc)})"
+            return FailureKind.CLOSED, f"connection to {where} lost ({describe_exception(exc)})"
         if isinstance(exc, TimeoutError):
-            return FailureKind.TIMEOUT, f"timed out talking to {where} ({_name(exc)})"
+            return FailureKind.TIMEOUT, f"timed out talking to {where} ({describe_exception(exc)})"
         if isinstance(exc, h11.ProtocolError):
             return FailureKind.PROTOCOL, f"the app's HTTP/1.1 response is malformed: {exc}"
-        return FailureKind.NETWORK, f"network error with {where} ({_name(exc)})"
-
-
-def _name(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return FailureKind.NETWORK, f"network error with {where} ({describe_exception(exc)})"
