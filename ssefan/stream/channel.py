@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from ssefan.config import RouteConfig
+from ssefan.core.fanout import Intake
 from ssefan.core.refusal import RefusalReason
 from ssefan.core.ring import Ring
 from ssefan.core.sse import (
@@ -36,7 +37,6 @@ from ssefan.core.sse import (
     Overflow,
     encode,
     encode_comment,
-    encode_id,
     encode_retry,
     resumable_id,
 )
@@ -222,8 +222,6 @@ class Channel:
         self.stopped_by_upstream = False
         # True once close() ran (shutdown, or the route was removed by a reload).
         self.closed = False
-        # The last id the *upstream* gave, sent back as Last-Event-ID on reconnect.
-        self.upstream_last_id = ""
         self.last_event_at = clock()
         # Live subscribers, split by framing so the fan-out loop does no branching.
         self._live_chunked: dict[Subscriber, Callable[[bytes], object]] = {}
@@ -235,14 +233,13 @@ class Channel:
         self._streaming = False
         self._catch_up_handle: asyncio.TimerHandle | None = None
         self._catch_up_deadline = 0.0
-        self._dedupe = False
         self._warned_reuse = False
         self._heartbeat_handle: asyncio.TimerHandle | None = None
         self._linger_handle: asyncio.TimerHandle | None = None
         self._source_running = False
         # Ids ssefan assigns: a per-channel-instance prefix so ids from an older
         # process or ring never alias ours. Hex + '-' + decimal: CORS-safe, short.
-        self._id_prefix = f"{int(time.time() * 1000):x}{os.getpid() % 0xFFFF:04x}-"
+        self.intake = Intake(self.ring, f"{int(time.time() * 1000):x}{os.getpid() % 0xFFFF:04x}-")
         self._heartbeat_bytes = self._make_heartbeat()
 
     # -- lifecycle ------------------------------------------------------------
@@ -330,7 +327,7 @@ class Channel:
         ring.first_seq = ring.next_seq = old.first_seq
         for seq in range(old.first_seq, old.next_seq):
             ring.append(old.id_at(seq), old.join(seq, seq + 1), old.time_at(seq))
-        self.ring = ring
+        self.ring = self.intake.ring = ring
         if self._lagging:
             self._police_laggards()  # a smaller ring may have dropped their place
 
@@ -346,6 +343,15 @@ class Channel:
             self.upstream_disconnected()
 
     # -- introspection --------------------------------------------------------
+
+    @property
+    def upstream_last_id(self) -> str:
+        """The last id the upstream gave: sent back as Last-Event-ID on reconnect."""
+        return self.intake.last_upstream_id
+
+    @upstream_last_id.setter
+    def upstream_last_id(self, value: str) -> None:
+        self.intake.last_upstream_id = value
 
     def admits(self) -> bool:
         """Whether a new stream fits: the route's `max_clients` and the process's."""
@@ -384,7 +390,7 @@ class Channel:
         backlog since it: new live clients waiting meanwhile join once it has
         passed (CATCH_UP_*), not at its start.
         """
-        self._dedupe = True
+        self.intake.reconnected()
         self._warned_reuse = False
         self._streaming = True
         self._cancel_catch_up()
@@ -428,53 +434,14 @@ class Channel:
 
     def publish(self, items: Iterable[Event | IdOnly | Overflow]) -> None:
         """Append one upstream read's worth of events and fan them out."""
-        ring = self.ring
         now = self.clock()
-        # The batch is fanned out from this list, not read back from the ring:
-        # a batch larger than the ring would have evicted its own first events.
-        batch: list[bytes] = []
-        for item in items:
-            if isinstance(item, Overflow):
-                self._count_overflow(item)
-                continue
-            upstream_id = item.id
-            if upstream_id is not None:
-                self.upstream_last_id = upstream_id
-            # An id that can't travel back as a Last-Event-ID header (leading
-            # space, VT, FF) could never be resumed from: clients get ours.
-            resumable = known = False
-            if upstream_id is not None and resumable_id(upstream_id):
-                resumable = True
-                known = ring.seq_of(upstream_id) is not None or ring.was_evicted(upstream_id)
-            if isinstance(item, IdOnly):
-                # An id-only block moves the resume point, unless its id is
-                # taken: then it names nothing new.
-                if resumable and not known:
-                    self._dedupe = False
-                    encoded = encode_id(item.id)
-                    ring.append(item.id, encoded, now)
-                    batch.append(encoded)
-                elif known and self._dedupe:
-                    self.stats.duplicates_dropped += 1
-                continue
-            if known:
-                assert upstream_id is not None
-                encoded = encode(Event(item.data, event=item.event, id=upstream_id))
-                # After a reconnect the app may replay what we sent it as
-                # Last-Event-ID and before: an event the ring holds or held,
-                # same id and same bytes, is one, until the first that is new.
-                if self._dedupe and ring.holds_copy(upstream_id, encoded):
-                    self.stats.duplicates_dropped += 1
-                    continue
-                # Same id, other content (or not right after a reconnect): an
-                # app that restarts its ids. Delivered, under an id of ours.
-                event_id = self._reused_id(upstream_id)
-            else:
-                event_id = upstream_id if resumable and upstream_id else self._assign_id()
-            self._dedupe = False
-            encoded = encode(Event(item.data, event=item.event, id=event_id))
-            ring.append(event_id, encoded, now)
-            batch.append(encoded)
+        accepted = self.intake.accept(items, now)
+        for item in accepted.overflows:
+            self._count_overflow(item)
+        self.stats.duplicates_dropped += accepted.replays
+        for upstream_id, event_id in accepted.reused:
+            self._reused_id(upstream_id, event_id)
+        batch = accepted.events
         if not batch:
             return
         self.stats.events_received += len(batch)
@@ -489,13 +456,9 @@ class Channel:
             delay = min(CATCH_UP_QUIET, max(0.0, self._catch_up_deadline - now))
             self._catch_up_handle = self.loop.call_later(delay, self._caught_up)
 
-    def _assign_id(self) -> str:
-        return f"{self._id_prefix}{self.ring.next_seq}"
-
-    def _reused_id(self, upstream_id: str) -> str:
-        """Count an upstream id that names a second event; return the id clients get."""
+    def _reused_id(self, upstream_id: str, event_id: str) -> None:
+        """Count an upstream id that named a second event (delivered as `event_id`)."""
         self.stats.ids_reused += 1
-        event_id = self._assign_id()
         if not self._warned_reuse:
             self._warned_reuse = True  # once per upstream connection
             log.warning(
@@ -508,7 +471,6 @@ class Channel:
                 upstream_id,
                 event_id,
             )
-        return event_id
 
     def _count_overflow(self, item: Overflow) -> None:
         self.stats.overflows += 1

@@ -381,7 +381,7 @@ def test_upstream_replay_of_held_events_is_dropped(loop: asyncio.AbstractEventLo
     # delivered, under an id of ssefan's so that "3" still names one event.
     channel.publish(events([3]))
     assert client.ids()[:-1] == strs(range(1, 9))
-    assert str(client.ids()[-1]).startswith(channel._id_prefix)
+    assert str(client.ids()[-1]).startswith(channel.intake.id_prefix)
     assert channel.stats.ids_reused == 1
 
 
@@ -567,7 +567,7 @@ def test_a_reused_id_with_new_content_is_delivered_under_an_id_of_ours(
     channel.publish([Event(f"new {i}", id=str(i)) for i in range(1, 4)])
     ids = client.ids()
     assert ids[:3] == strs(range(1, 4))
-    assert all(str(i).startswith(channel._id_prefix) for i in ids[3:])
+    assert all(str(i).startswith(channel.intake.id_prefix) for i in ids[3:])
     assert len(set(ids)) == 6
     assert [e.data for e in client.decoded().events][3:] == ["new 1", "new 2", "new 3"]
     assert (channel.stats.ids_reused, channel.stats.duplicates_dropped) == (3, 0)
