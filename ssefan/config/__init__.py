@@ -1,0 +1,38 @@
+"""YAML configuration -> frozen, typed values, validated with key-path errors.
+
+One concern per module: `schema` (the dataclasses), `values` and `net` (the
+value grammars), `syntax` (YAML text and its errors), `reader` (key paths,
+lines, unknown keys), `keys`, `sections` and `route` (the section readers),
+`loader` (the entry points). This names what the rest of ssefan imports.
+"""
+
+from ssefan.config.loader import ConfigError, load_config, parse_config
+from ssefan.config.schema import (
+    AdminConfig,
+    AuthConfig,
+    Config,
+    CorsConfig,
+    ListenConfig,
+    ProxyConfig,
+    RouteConfig,
+    StartConfig,
+    UpstreamConfig,
+)
+from ssefan.config.values import parse_duration, parse_size
+
+__all__ = [
+    "AdminConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "CorsConfig",
+    "ListenConfig",
+    "ProxyConfig",
+    "RouteConfig",
+    "StartConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]

@@ -1,0 +1,208 @@
+"""The document's top level: listen, app, proxy, trusted_proxies, admin and the
+list of routes, with the checks across them.
+"""
+
+from __future__ import annotations
+
+from ssefan.config.keys import _ADMIN_KEYS, _CONFIG_KEYS, _MISPLACED_AT_TOP, _PROXY_KEYS
+from ssefan.config.net import _app_origin, _listen, _network
+from ssefan.config.reader import _Reader, _Section, _written
+from ssefan.config.route import _read_route
+from ssefan.config.schema import (
+    _CONFIG_DEFAULTS,
+    _PROXY_DEFAULTS,
+    AdminConfig,
+    Config,
+    ListenConfig,
+    ProxyConfig,
+    RouteConfig,
+)
+from ssefan.config.values import (
+    _BadValue,
+    _duration,
+    _format_duration,
+    _integer,
+    _optional,
+    _show,
+    _size,
+    _workers,
+)
+from ssefan.core.paths import routing_path
+
+
+def _read_config(reader: _Reader, raw: object) -> Config | None:
+    if raw is None:
+        reader.report("", "the file is empty; expected a mapping with at least listen and routes")
+        return None
+    section = reader.section(
+        raw, "", _CONFIG_KEYS, "a mapping of settings (listen, app, routes, ...)", _MISPLACED_AT_TOP
+    )
+    if section is None:
+        return None
+    d = _CONFIG_DEFAULTS
+    listen = section.require("listen", _listen, 'the address to serve on, like "127.0.0.1:8080"')
+    app = section.get("app", _optional(_app_origin), d.app)
+    has_app = section.values.get("app") is not None
+    routes = _read_routes(reader, section.values.get("routes"), has_app)
+    admin = section.nested("admin", _read_admin, d.admin)
+    config = Config(
+        listen=listen or d.listen,
+        app=app,
+        routes=routes or (),
+        max_clients=section.get("max_clients", _integer(minimum=1), d.max_clients),
+        max_header_bytes=section.get("max_header_bytes", _size(), d.max_header_bytes),
+        header_timeout=section.get("header_timeout", _duration(positive=True), d.header_timeout),
+        keepalive_timeout=section.get("keepalive_timeout", _duration(), d.keepalive_timeout),
+        proxy=section.nested("proxy", _read_proxy, d.proxy),
+        trusted_proxies=section.nested("trusted_proxies", _read_networks, d.trusted_proxies),
+        admin=admin,
+        workers=section.get("workers", _workers, d.workers),
+        drain_window=section.get("drain_window", _duration(), d.drain_window),
+        shutdown_timeout=section.get(
+            "shutdown_timeout", _duration(positive=True), d.shutdown_timeout
+        ),
+        ready_timeout=section.get("ready_timeout", _duration(positive=True), d.ready_timeout),
+        source=reader.source,
+    )
+    _check_shutdown(reader, section, config)
+    if listen is not None and admin is not None:
+        _check_admin_listen(reader, listen, admin.listen)
+    return None if listen is None or routes is None else config
+
+
+def _check_shutdown(reader: _Reader, section: _Section, config: Config) -> None:
+    if config.shutdown_timeout <= config.drain_window:
+        reader.report(
+            section.path_of("shutdown_timeout"),
+            f"expected more than drain_window ({_format_duration(config.drain_window)}),"
+            f" got {_format_duration(config.shutdown_timeout)}:"
+            " the streams must be drained before the deadline",
+            # An unset shutdown_timeout is the default: the line to change is drain_window's.
+            at=section.path_of(_written("shutdown_timeout", section, "drain_window")),
+        )
+
+
+def _read_proxy(reader: _Reader, raw: object, path: str) -> ProxyConfig | None:
+    section = reader.section(raw, path, _PROXY_KEYS, "a mapping of pass-through settings")
+    if section is None:
+        return None
+    d = _PROXY_DEFAULTS
+    return ProxyConfig(
+        connect_timeout=section.get("connect_timeout", _duration(positive=True), d.connect_timeout),
+        first_byte_timeout=section.get(
+            "first_byte_timeout", _duration(positive=True), d.first_byte_timeout
+        ),
+        idle_timeout=section.get("idle_timeout", _duration(positive=True), d.idle_timeout),
+        max_body_bytes=section.get("max_body_bytes", _size(), d.max_body_bytes),
+        pool_size=section.get("pool_size", _integer(minimum=0), d.pool_size),
+        pool_idle_timeout=section.get(
+            "pool_idle_timeout", _duration(positive=True), d.pool_idle_timeout
+        ),
+    )
+
+
+def _read_networks(reader: _Reader, raw: object, path: str) -> tuple[str, ...] | None:
+    if not isinstance(raw, list):
+        reader.report(
+            path,
+            'expected a list of IP addresses or CIDRs like ["10.0.0.0/8", "127.0.0.1"],'
+            f" got {_show(raw)}",
+        )
+        return None
+    networks: list[str] = []
+    first_index: dict[str, int] = {}
+    for index, item in enumerate(raw):
+        try:
+            network = _network(item)
+        except _BadValue as err:
+            reader.report(f"{path}[{index}]", str(err))
+            continue
+        if network in first_index:
+            reader.report(
+                f"{path}[{index}]",
+                f"{_show(network)} is already listed as {path}[{first_index[network]}]; keep one",
+            )
+            continue
+        first_index[network] = index
+        networks.append(network)
+    return tuple(networks) if len(networks) == len(raw) else None
+
+
+def _read_admin(reader: _Reader, raw: object, path: str) -> AdminConfig | None:
+    section = reader.section(
+        raw, path, _ADMIN_KEYS, 'a mapping with listen, like {listen: "127.0.0.1:9090"}'
+    )
+    if section is None:
+        return None
+    listen = section.require(
+        "listen", _listen, 'the address for the admin endpoints, like "127.0.0.1:9090"'
+    )
+    return None if listen is None else AdminConfig(listen=listen)
+
+
+def _check_admin_listen(reader: _Reader, main: ListenConfig, admin: ListenConfig) -> None:
+    if main.port == 0 or admin.port != main.port:
+        return
+    wildcards = ("0.0.0.0", "::")
+    if admin.host == main.host:
+        clash = "is the same address as listen"
+    elif admin.host in wildcards or main.host in wildcards:
+        clash = f"overlaps listen ({_format_listen(main)})"
+    else:
+        return
+    reader.report(
+        "admin.listen",
+        f"{_format_listen(admin)} {clash}; give the admin endpoints a port of their own",
+    )
+
+
+def _format_listen(listen: ListenConfig) -> str:
+    host = f"[{listen.host}]" if ":" in listen.host else listen.host
+    return f"{host}:{listen.port}"
+
+
+def _read_routes(reader: _Reader, raw: object, has_app: bool) -> tuple[RouteConfig, ...] | None:
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        reader.report("routes", f"expected a list of routes (- path: ...), got {_show(raw)}")
+        return None
+    if not raw and not has_app:
+        reader.report(
+            "routes",
+            "no routes and no app: add at least one route,"
+            " or set app to only pass requests through",
+        )
+    routes = [_read_route(reader, item, f"routes[{index}]") for index, item in enumerate(raw)]
+    _check_unique_paths(reader, raw)
+    present = [route for route in routes if route is not None]
+    return tuple(present) if len(present) == len(routes) else None
+
+
+def _check_unique_paths(reader: _Reader, items: list[object]) -> None:
+    # Compared in routing form: requests for "/events/" or "/%65vents" are
+    # served by the "/events" route, so two routes that differ only by such
+    # spellings could never both be reached.
+    first_index: dict[str, int] = {}
+    for index, item in enumerate(items):
+        path = item.get("path") if isinstance(item, dict) else None
+        if not isinstance(path, str):
+            continue
+        form = routing_path(path)
+        if form not in first_index:
+            first_index[form] = index
+            continue
+        first = first_index[form]
+        if path == _route_path_of(items[first]):
+            reason = f"{_show(path)} is already the path of routes[{first}]"
+        else:
+            reason = (
+                f"{_show(path)} is the same route as routes[{first}].path"
+                f" {_show(_route_path_of(items[first]))} (requests are matched after"
+                ' normalising "/", "//", "." and percent-escapes)'
+            )
+        reader.report(f"routes[{index}].path", f"{reason}; each path serves one stream")
+
+
+def _route_path_of(item: object) -> object:
+    return item.get("path") if isinstance(item, dict) else None
