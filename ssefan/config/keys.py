@@ -1,75 +1,39 @@
-"""The keys each section allows, and where a key written in the wrong section belongs."""
+"""The keys each section allows, and where a key written in the wrong section belongs.
+
+A section's keys are its dataclass's fields, in their order (which is the order
+"expected one of: ..." lists them in), so a new setting is declared once as a
+field; only `start`, whose YAML form differs from its fields, lists its own.
+"""
 
 from __future__ import annotations
 
-_CONFIG_KEYS = (
-    "listen",
-    "app",
-    "routes",
-    "max_clients",
-    "max_header_bytes",
-    "header_timeout",
-    "keepalive_timeout",
-    "proxy",
-    "trusted_proxies",
-    "admin",
-    "workers",
-    "drain_window",
-    "shutdown_timeout",
-    "ready_timeout",
+import dataclasses
+
+from ssefan.config.schema import (
+    AdminConfig,
+    AuthConfig,
+    Config,
+    CorsConfig,
+    ProxyConfig,
+    RouteConfig,
+    UpstreamConfig,
 )
-_ROUTE_KEYS = (
-    "path",
-    "upstream",
-    "buffer",
-    "buffer_bytes",
-    "buffer_age",
-    "heartbeat",
-    "heartbeat_event",
-    "retry",
-    "mode",
-    "linger",
-    "start",
-    "on_gap",
-    "max_clients",
-    "max_client_lag_bytes",
-    "cors",
-    "auth",
-    "refuse",
-    "protect_variants",
-)
-_UPSTREAM_KEYS = (
-    "url",
-    "headers",
-    "connect_timeout",
-    "idle_timeout",
-    "backoff_base",
-    "backoff_max",
-    "backoff_reset",
-    "max_line_bytes",
-    "max_event_bytes",
-)
-_CORS_KEYS = ("allow_origins", "allow_credentials", "max_age")
+
+
+def _fields(cls: type, *, without: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in without)
+
+
+# `source` is set from the file's name, not written in it.
+_CONFIG_KEYS = _fields(Config, without=("source",))
+_ROUTE_KEYS = _fields(RouteConfig)
+_UPSTREAM_KEYS = _fields(UpstreamConfig)
+_CORS_KEYS = _fields(CorsConfig)
+# `start: {events: N}` or `{age: DURATION}`; StartConfig's fields are kind, count, age.
 _START_KEYS = ("events", "age")
-_AUTH_KEYS = (
-    "url",
-    "forward",
-    "cache",
-    "timeout",
-    "token_param",
-    "token_header",
-    "token_scheme",
-    "revalidate",
-)
-_PROXY_KEYS = (
-    "connect_timeout",
-    "first_byte_timeout",
-    "idle_timeout",
-    "max_body_bytes",
-    "pool_size",
-    "pool_idle_timeout",
-)
-_ADMIN_KEYS = ("listen",)
+_AUTH_KEYS = _fields(AuthConfig)
+_PROXY_KEYS = _fields(ProxyConfig)
+_ADMIN_KEYS = _fields(AdminConfig)
 
 
 def _misplaced(keys: tuple[str, ...], where: str, allowed: tuple[str, ...]) -> dict[str, str]:
