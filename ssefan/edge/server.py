@@ -26,11 +26,11 @@ import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import h11
 
-from ssefan.config import Config, RouteConfig
+from ssefan.config import Config
 from ssefan.core.paths import routing_path, variant_path
 from ssefan.core.refusal import RefusalReason, refusal_body
 from ssefan.core.sse import encode_comment, encode_retry
@@ -101,9 +101,13 @@ class Server:
     # routes with protect_variants (see variant_path), and which routes they
     # were computed from (the App changes `channels` in place on a reload, and
     # a kept route's channel gets a new RouteConfig).
-    _routes_for: tuple[RouteConfig, ...] = field(default=(), init=False, repr=False)
+    _routes_for: tuple[object, ...] = field(default=(), init=False, repr=False)
     _routes_by_form: dict[str, str] = field(default_factory=dict, init=False, repr=False)
     _variants: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    # Variant forms of the upstream paths of protected routes whose upstream is
+    # on the `app` origin: the app's own stream endpoint, which pass-through
+    # would otherwise serve past the fan-out and forward-auth.
+    _upstream_paths: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def protocol_factory(self) -> HTTPConnection:
         return HTTPConnection(self)
@@ -130,20 +134,49 @@ class Server:
             return None
         return self._variants.get(variant_path(path))
 
+    def upstream_path_of(self, path: str) -> str | None:
+        """The protected route whose upstream, on the app's origin, is `path`.
+
+        With `app: http://127.0.0.1:8000` and a route `/events` fed from
+        `http://127.0.0.1:8000/internal/stream`, a client asking for
+        `/internal/stream` would reach the app's stream directly: one app
+        stream per client again, and no forward-auth. Such a path (and its
+        variants) is answered 404 like a variant of the route itself.
+        """
+        self._refresh_forms()
+        if not self._upstream_paths:
+            return None
+        return self._upstream_paths.get(variant_path(path))
+
     def _refresh_forms(self) -> None:
         # Compared item by item, a route object unchanged since the last look
         # is the same object: this costs one identity check per route.
-        routes = tuple(channel.route for channel in self.channels.values())
+        routes = (self.config.app, *(channel.route for channel in self.channels.values()))
         if routes == self._routes_for:
             return
         self._routes_for = routes
         self._routes_by_form = {routing_path(p): p for p in self.channels}
-        self._variants = {
-            variant_path(p): p for p, c in self.channels.items() if c.route.protect_variants
-        }
+        protected = {p: c.route for p, c in self.channels.items() if c.route.protect_variants}
+        self._variants = {variant_path(p): p for p in protected}
+        app = _origin(self.config.app) if self.config.app is not None else None
+        self._upstream_paths = {}
+        for path, route in protected.items():
+            upstream = urlsplit(route.upstream.url)
+            if app is not None and _origin(route.upstream.url) == app:
+                own = variant_path(upstream.path or "/")
+                if own not in self._variants:  # a route of ours is served as one
+                    self._upstream_paths[own] = path
 
     def count_refusal(self, status: int) -> None:
         self.refused[status] = self.refused.get(status, 0) + 1
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """scheme, host and port of `url`, the port made explicit (RFC 6454 §4)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
 
 
 def _header(request: h11.Request, name: bytes) -> bytes | None:
@@ -422,6 +455,21 @@ class HTTPConnection(asyncio.Protocol):
                     404,
                     "404 not found: this path differs from a stream route only in case or"
                     " in invisible characters\n",
+                    close=closing,
+                )
+                return
+            fed = server.upstream_path_of(target.path)
+            if fed is not None:
+                server.count_refusal(404)
+                log.info(
+                    "peer=%s refused (404): the app's upstream endpoint of route %s"
+                    " (protect_variants)",
+                    self.peer,
+                    fed,
+                )
+                self.respond(
+                    404,
+                    f"404 not found: this is the app's stream endpoint; subscribe to {fed}\n",
                     close=closing,
                 )
                 return

@@ -18,6 +18,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -338,6 +339,42 @@ def test_server_variant_table_follows_the_routes() -> None:
     assert server.variant_of("/feed") == "/Feed"
     del channels["/Feed"]
     assert server.variant_of("/feed") is None
+
+
+def _with_upstream(path: str, url: str) -> RouteConfig:
+    route = _route(path)
+    return replace(route, upstream=replace(route.upstream, url=url))
+
+
+@pytest.mark.parametrize(
+    ("app", "upstream", "protected"),
+    [
+        pytest.param("http://127.0.0.1:8000", "http://127.0.0.1:8000/internal/stream", True),
+        pytest.param("http://LOCALHOST", "http://localhost:80/internal/stream?t=1", True),
+        pytest.param("http://127.0.0.1:8000", "http://127.0.0.1:9000/internal/stream", False),
+        pytest.param("http://127.0.0.1:8000", "https://127.0.0.1:8000/internal/stream", False),
+    ],
+)
+def test_the_apps_own_stream_endpoint_is_protected(
+    app: str, upstream: str, protected: bool
+) -> None:
+    config = parse_config(f"listen: 127.0.0.1:0\napp: {app}\nroutes: []\n", "<test>")
+    channels: dict[str, Any] = {"/events": _StubChannel(_with_upstream("/events", upstream))}
+    server = Server(config, cast(Any, channels))
+    expected = "/events" if protected else None
+    assert server.upstream_path_of("/internal/stream") == expected
+    assert server.upstream_path_of("/Internal/Stream%00") == expected  # its variants too
+    assert server.upstream_path_of("/internal") is None
+    channels["/events"].route = replace(channels["/events"].route, protect_variants=False)
+    assert server.upstream_path_of("/internal/stream") is None
+
+
+def test_an_upstream_that_is_itself_a_route_path_stays_a_route() -> None:
+    config = parse_config("listen: 127.0.0.1:0\napp: http://127.0.0.1:8000\nroutes: []\n", "<t>")
+    channels: dict[str, Any] = {
+        "/events": _StubChannel(_with_upstream("/events", "http://127.0.0.1:8000/events"))
+    }
+    assert Server(config, cast(Any, channels)).upstream_path_of("/events") is None
 
 
 # ------------------------------------------------------------------- unit: forwarded headers
@@ -891,3 +928,36 @@ def test_options_asterisk_without_an_app_is_answered_by_ssefan() -> None:
     assert options.startswith(b"HTTP/1.1 204 "), options
     assert b"\r\nallow: get, head, options\r\n" in options.lower(), options
     assert get.startswith(b"HTTP/1.1 400 "), get
+
+
+def test_the_apps_own_stream_endpoint_is_not_passed_through(
+    app: TestApp, stream_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Route /feed is fed from the app's /internal/stream on the `app` origin:
+    a client asking for /internal/stream directly gets 404 (it would cost the
+    app a stream per client, past forward-auth); the app's other paths pass."""
+    config: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "app": app.url,
+        "routes": [
+            {"path": "/events", "upstream": stream_upstream.url},
+            {"path": "/feed", "upstream": f"{app.url}/internal/stream", "mode": "lazy"},
+        ],
+    }
+    proc = SsefanProcess(write_config(tmp_path / "ssefan.yaml", config)).start()
+    try:
+        hidden, passed = f"probe-{next(_unique)}", f"probe-{next(_unique)}"
+        conn = RawConnection(proc.host, proc.port)
+        try:
+            conn.send(f"GET /Internal/stream?p={hidden} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            response = conn.read_response()
+            assert response.status == 404, response
+            assert b"subscribe to /feed" in response.body
+            conn.send(f"GET /internal/other?p={passed} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert conn.read_response().body == b"no such endpoint\n"  # the app's own answer
+        finally:
+            conn.close()
+        assert any(passed in r.target for r in app.requests)
+        assert not any(hidden in r.target for r in app.requests)
+    finally:
+        proc.stop()
