@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -87,6 +88,8 @@ class Admin:
         self._writers: set[asyncio.StreamWriter] = set()
         self._stopping = asyncio.Event()
         self._status = _StatusFeed(source, self._stopping)
+        # Set for a listener on a loopback address: see _rebinding_guard.
+        self._loopback = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -94,6 +97,7 @@ class Admin:
         self.server = await asyncio.start_server(
             self._serve, host, port, reuse_address=True, limit=MAX_REQUEST_HEAD
         )
+        self._loopback = all(_is_loopback(str(s.getsockname()[0])) for s in self.server.sockets)
         log.info("admin endpoints at %s (/healthz /readyz /metrics /)", self.url)
 
     async def start_unix(self, sock: socket.socket) -> None:
@@ -136,7 +140,9 @@ class Admin:
             if request is None:
                 return
             path = request.target.split(b"?", 1)[0]
-            if request.method not in (b"GET", b"HEAD"):
+            if self._loopback and not _local_host(request):
+                await _respond(conn, writer, 421, MISDIRECTED)
+            elif request.method not in (b"GET", b"HEAD"):
                 await _respond(conn, writer, 405, b"405 use GET\n")
             elif path == b"/status":
                 await self._status_stream(conn, writer)
@@ -275,6 +281,43 @@ def _failure_row(upstream: Upstream) -> dict[str, object] | None:
         "at": failure.at,  # unix time
         "next_attempt": failure.next_attempt_wall,  # unix time, or null
     }
+
+
+# DNS rebinding: a web page whose name is made to resolve to 127.0.0.1 could
+# read a loopback admin listener from the victim's browser (same origin as far
+# as the browser knows). Such a request carries the page's name as its Host.
+# A loopback listener therefore answers only Hosts that are an IP address or
+# `localhost`, which is how local scrapers (Prometheus, curl) address it.
+MISDIRECTED = (
+    b"421 the admin listener is on loopback and answers Host: 127.0.0.1, [::1] or"
+    b" localhost (with any port) only; use one of those in the URL\n"
+)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _local_host(request: h11.Request) -> bool:
+    """True if the request's Host is an IP literal or localhost (any port)."""
+    hosts = [value for name, value in request.headers if name == b"host"]
+    if not hosts:
+        return True  # HTTP/1.0 without a Host: no browser sends that
+    host = hosts[0].decode("latin-1").strip()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    else:
+        host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if host.lower() == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 async def _drain(writer: asyncio.StreamWriter) -> None:

@@ -40,9 +40,11 @@ async def started(source: Source) -> tuple[Admin, int]:
     return admin, int(admin.server.sockets[0].getsockname()[1])
 
 
-async def request(port: int, target: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def request(
+    port: int, target: str, host: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {target} HTTP/1.1\r\nHost: admin\r\n\r\n".encode())
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     return reader, writer
 
 
@@ -75,7 +77,7 @@ def test_connections_beyond_the_cap_get_503() -> None:
         writer.close()
         # The ones holding the slots are served as usual.
         first_reader, first_writer = idle[0]
-        first_writer.write(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+        first_writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert await status_of(first_reader) == 200
         for _, w in idle:
             w.close()
@@ -131,3 +133,38 @@ def test_status_viewers_share_one_rendering(monkeypatch: pytest.MonkeyPatch) -> 
         await admin.stop()
 
     run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1", 200),
+        ("127.0.0.1:9090", 200),
+        ("localhost:9090", 200),
+        ("LocalHost", 200),
+        ("[::1]:9090", 200),
+        ("10.0.0.7", 200),  # an address: no name to rebind
+        ("evil.example", 421),
+        ("evil.example:9090", 421),
+        ("localhost.evil.example", 421),
+        ("127.0.0.1.nip.io", 421),
+    ],
+)
+def test_a_loopback_admin_answers_only_local_hosts(host: str, status: int) -> None:
+    """DNS rebinding: a page whose name resolves to 127.0.0.1 sends its own
+    name as Host; the loopback admin answers it 421 and serves no metrics."""
+    source = Source()
+
+    async def scenario() -> None:
+        admin, port = await started(source)
+        try:
+            reader, writer = await request(port, "/metrics", host)
+            assert await status_of(reader) == status
+            body = await reader.read()
+            assert (b"ssefan_clients" in body) == (status == 200)
+            writer.close()
+        finally:
+            await admin.stop()
+
+    run(scenario)
+    assert source.calls == (1 if status == 200 else 0)
