@@ -21,7 +21,7 @@ import random
 
 from ssefan.core.sse import Event, encode, encode_comment
 
-__all__ = ["REFUSAL_EVENT", "RefusalReason", "refusal_body"]
+__all__ = ["OPENING_COMMENT", "REFUSAL_EVENT", "RefusalReason", "refusal_body"]
 
 # The named event a refused client receives; its data is JSON
 # {"reason": <RefusalReason value>, "retry_ms": <the retry it was given>}.
@@ -29,8 +29,8 @@ REFUSAL_EVENT = "ssefan-retry"
 
 
 class RefusalReason(enum.StrEnum):
-    # The process is draining: the next instance takes the reconnect. Same
-    # spread as the drain's own stream endings (1-3 s).
+    # The process is draining: the next instance takes the reconnect. The
+    # drain's own stream endings use this range too (ops.app.DRAIN_RETRY_MS).
     SHUTTING_DOWN = "shutting_down"
     # max_clients (the route's or the global one) is reached. Slots free as
     # clients leave; 2-8 s spreads a crowd over several seconds of churn.
@@ -58,7 +58,9 @@ _RETRY_RANGE_MS: dict[RefusalReason, tuple[int, int]] = {
     RefusalReason.RECONFIGURED: (500, 1500),
 }
 
-_OPENING = encode_comment("ssefan")
+# What every stream ssefan answers starts with, a refusal too: written with
+# the headers so that intermediaries flush them at once.
+OPENING_COMMENT = encode_comment("ssefan")
 
 
 def refusal_body(reason: RefusalReason, rng: random.Random) -> bytes:
@@ -66,4 +68,4 @@ def refusal_body(reason: RefusalReason, rng: random.Random) -> bytes:
     retry_ms = rng.randint(*reason.retry_range_ms)
     data = json.dumps({"reason": reason.value, "retry_ms": retry_ms}, separators=(",", ":"))
     # No `id:` field: the client's last event id (its resume point) stays as it was.
-    return _OPENING + encode(Event(data, event=REFUSAL_EVENT, retry=retry_ms))
+    return OPENING_COMMENT + encode(Event(data, event=REFUSAL_EVENT, retry=retry_ms))

@@ -100,7 +100,6 @@ REVALIDATE_CONCURRENCY = 16
 AUTH_POOL_SIZE = 8
 USER_AGENT = b"ssefan"
 
-_RETRY_AFTER_SECONDS = 5
 # Client headers that go into the auth request's X-Forwarded-* (nothing else
 # the client sent reaches the auth endpoint unless `forward` names it).
 _IDENTITY_INPUT = frozenset(
@@ -127,11 +126,10 @@ class AuthDecision:
         return self.admitted or self.status in _ADMIT_OR_DENY
 
 
-UNAVAILABLE = AuthDecision(
-    503,
-    ((b"retry-after", str(_RETRY_AFTER_SECONDS).encode("ascii")),),
-    b"503 authorization is unavailable, retry shortly\n",
-)
+# The auth endpoint could not decide (timeout, failure, saturation, an answer
+# other than 2xx/401/403). Never passed on as it is: the server answers it as
+# a temporary refusal (RefusalReason.AUTH_UNAVAILABLE), which clients retry.
+UNAVAILABLE = AuthDecision(503)
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +395,7 @@ class ForwardAuth:
                 return decision
             reason = f"status {decision.status}"
         log.warning(
-            "route=%s auth request=%s to %s failed: %s (clients get 503)",
+            "route=%s auth request=%s to %s failed: %s (clients told to retry: auth_unavailable)",
             self.route,
             request_id,
             self.pool.origin,

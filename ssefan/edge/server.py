@@ -32,8 +32,8 @@ import h11
 
 from ssefan.config import Config
 from ssefan.core.paths import routing_path, variant_path
-from ssefan.core.refusal import RefusalReason, refusal_body
-from ssefan.core.sse import encode_comment, encode_retry
+from ssefan.core.refusal import OPENING_COMMENT, RefusalReason, refusal_body
+from ssefan.core.sse import encode_retry
 from ssefan.edge import cors
 from ssefan.edge.auth import UNAVAILABLE, AuthDecision, Credential, ForwardAuth
 from ssefan.http.flow import Inbox, WriteGate
@@ -67,8 +67,6 @@ STREAM_HEADERS: list[tuple[bytes, bytes]] = [
     # nginx (and proxies that copy it) would otherwise buffer the whole stream.
     (b"x-accel-buffering", b"no"),
 ]
-# Written with the headers so intermediaries flush them at once.
-OPENING_COMMENT = encode_comment("ssefan")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from ssefan import __version__
 from ssefan.config import Config, ConfigError, RouteConfig, load_config
+from ssefan.core.refusal import RefusalReason
 from ssefan.edge.auth import ForwardAuth, forward_auth, forward_auths, unused_pools
 from ssefan.edge.proxy import Proxy
 from ssefan.edge.server import Server
@@ -51,7 +52,7 @@ DRAIN_TICK = 0.02
 # this range before the browser reconnects, so the closes' spread is not undone
 # by everyone reconnecting at once. Up to 3 s, browsers' own default order, since
 # EventSource keeps the value for later reconnects too.
-DRAIN_RETRY_MS = (1000, 3000)
+DRAIN_RETRY_MS = RefusalReason.SHUTTING_DOWN.retry_range_ms
 # A reload that changes a route's forward-auth ends the route's streams (they
 # were admitted under other rules) over at most this long, each with a
 # jittered `retry:` as in a drain, so they come back through the new auth

@@ -695,9 +695,10 @@ class Channel:
             payload = encode(Event("", event=self.route.heartbeat_event, id=self.ring.newest_id))
         self.stats.heartbeats += 1
         self._fan_out(payload, 0)
-        comment = encode_comment("")
-        for sub in self._pending:  # waiting clients' proxies must not time out either
-            if not sub.paused:
-                sub.send(comment)
+        if self._pending:  # waiting clients' proxies must not time out either
+            comment = encode_comment("")
+            for sub in self._pending:
+                if not sub.paused:
+                    sub.send(comment)
         self.last_event_at = now
         self._schedule_heartbeat(interval)

@@ -18,8 +18,6 @@ under CI (CI=true), where a missing browser is a failure.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import sys
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from app_server import free_port
-from browser import CHROMIUM, CLOSED, CONNECTING, OPEN, Chromium, Page, PageApp, PageRecord
+from browser import CLOSED, CONNECTING, OPEN, Chromium, Page, PageApp, PageRecord, chromium_binary
 from harness import (
     CutProxy,
     FakeUpstream,
@@ -50,13 +48,7 @@ COMEBACK = 15.0
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Chromium]:
-    binary = shutil.which(CHROMIUM)
-    if binary is None:
-        reason = f"no `{CHROMIUM}` on PATH (Debian package chromium; .ci/run installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: under CI the browser tests must run")
-        pytest.skip(reason)
-    browser = Chromium(binary).start()
+    browser = Chromium(chromium_binary()).start()
     try:
         yield browser
     finally:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from app_server import free_port
-from browser import CHROMIUM, Chromium
+from browser import Chromium, chromium_binary
 from harness import DEFAULT_TIMEOUT, SSEClient, wait_until
 from opsharness import CommandProcess, get
 
@@ -67,10 +66,7 @@ def test_the_demo_serves_the_page_and_a_gap_with_what_the_banner_shows(
 def test_the_banner_is_on_screen_after_resume_from_an_unknown_id(
     running_demo: CommandProcess, tmp_path: Path
 ) -> None:
-    binary = shutil.which(CHROMIUM)
-    if binary is None:
-        pytest.skip(f"no `{CHROMIUM}` on PATH")
-    browser = Chromium(binary).start()
+    browser = Chromium(chromium_binary()).start()
     try:
         page = browser.new_page()
         try:

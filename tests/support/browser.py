@@ -38,10 +38,27 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+import pytest
 from harness import DEFAULT_TIMEOUT, wait_until
 from websockets.sync.client import ClientConnection, connect
 
 CHROMIUM = "chromium"  # Debian's package and binary name
+
+
+def chromium_binary() -> str:
+    """The Chromium to drive; skips the test without one, fails it under CI.
+
+    Under CI (`CI=true`) the browser tests must run: .ci/run installs the
+    Debian package, so a missing binary is a broken set-up, not a skip.
+    """
+    binary = shutil.which(CHROMIUM)
+    if binary is None:
+        reason = f"no `{CHROMIUM}` on PATH (Debian package chromium; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}: under CI the browser tests must run")
+        pytest.skip(reason)
+    return binary
+
 
 # Headless, as root in a container, and with nothing that talks to the network
 # by itself (component updates, sync, safe-browsing lists, QUIC probes).
