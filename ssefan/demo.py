@@ -19,7 +19,7 @@ import h11
 
 from ssefan.config import Config, CorsConfig, ListenConfig, RouteConfig, StartConfig, UpstreamConfig
 from ssefan.core.sse import Event, encode
-from ssefan.edge.server import HTTPConnection
+from ssefan.edge.protocol import HTTPConnection
 from ssefan.ops.app import App, new_event_loop
 
 __all__ = ["Ticker", "demo_config", "run_demo"]

@@ -47,7 +47,7 @@ _AUTH_REFUSED_HEADERS = {
 }
 # RFC 3986 unreserved characters: a query parameter name that needs no escaping.
 _QUERY_NAME = re.compile(r"[A-Za-z0-9._~-]+")
-# Query parameters the server reads as Last-Event-ID (server.LAST_EVENT_ID_PARAMS;
+# Query parameters the server reads as Last-Event-ID (admission.LAST_EVENT_ID_PARAMS;
 # not imported: config must not pull in the server stack).
 _LAST_EVENT_ID_PARAMS = ("last_event_id", "lastEventId", "evs_last_event_id")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")

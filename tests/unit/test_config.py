@@ -2263,9 +2263,9 @@ def test_example_admin_loads_when_uncommented() -> None:
 
 
 def test_token_param_refuses_what_the_server_reads_as_last_event_id() -> None:
-    from ssefan.edge import server  # here: the rest of this file needs only the config module
+    from ssefan.edge import admission  # here: the rest of this file needs only the config module
 
-    for name in server.LAST_EVENT_ID_PARAMS:
+    for name in admission.LAST_EVENT_ID_PARAMS:
         [message] = problems(with_route_keys(f"auth: {{url: 'http://a/b', token_param: {name}}}"))
         assert f'expected a name other than "{name}"' in message
 
