@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 from app_server import TestApp
-from harness import OPEN_SOCKETS, FakeUpstream
+from raw_http import OPEN_SOCKETS
+from sse_upstream import FakeUpstream
 
 
 @pytest.fixture(autouse=True)

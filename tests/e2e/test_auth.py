@@ -19,21 +19,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from app_server import SeenRequest, TestApp, VerboseSsefan, free_port, stop_clean
-from harness import (
-    DEFAULT_TIMEOUT,
-    FakeUpstream,
-    RawConnection,
-    SSEClient,
-    SsefanProcess,
-    get_stream,
-    holds_for,
-    http_request,
-    refusal_of,
-    wait_until,
-    write_config,
-)
-from opsharness import signal_proc
+from app_server import SeenRequest, TestApp
+from faults import free_port
+from raw_http import RawConnection, get_stream, http_request
+from sse_clients import SSEClient, refusal_of
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, VerboseSsefan, signal_proc, stop_clean, write_config
+from waits import DEFAULT_TIMEOUT, holds_for, wait_until
 
 import ssefan.edge.auth as auth_module
 from ssefan.config import AuthConfig

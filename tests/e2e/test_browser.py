@@ -26,18 +26,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from app_server import free_port
-from browser import CLOSED, CONNECTING, OPEN, Chromium, Page, PageApp, PageRecord, chromium_binary
-from harness import (
-    CutProxy,
-    FakeUpstream,
-    SSEClient,
-    SsefanProcess,
-    fast_upstream,
-    wait_until,
-    write_config,
-)
-from opsharness import CommandProcess, signal_proc
+from browser import Chromium, Page, chromium_binary
+from eventsource_page import CLOSED, CONNECTING, OPEN, PageApp, PageRecord
+from faults import CutProxy, free_port
+from sse_clients import SSEClient
+from sse_upstream import FakeUpstream
+from ssefan_process import CommandProcess, SsefanProcess, fast_upstream, signal_proc, write_config
+from waits import wait_until
 
 from ssefan.ops.app import MIN_DRAIN_RATE
 

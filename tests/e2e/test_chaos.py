@@ -14,16 +14,10 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from harness import (
-    DEFAULT_TIMEOUT,
-    AsyncSSEClient,
-    FakeUpstream,
-    FixedPortUpstream,
-    ReceivedEvent,
-    SsefanProcess,
-    fast_upstream,
-    write_config,
-)
+from sse_clients import AsyncSSEClient, ReceivedEvent
+from sse_upstream import FakeUpstream, FixedPortUpstream
+from ssefan_process import SsefanProcess, fast_upstream, write_config
+from waits import DEFAULT_TIMEOUT
 
 
 @contextlib.contextmanager

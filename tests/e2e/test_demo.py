@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from app_server import free_port
 from browser import Chromium, chromium_binary
-from harness import DEFAULT_TIMEOUT, SSEClient, wait_until
-from opsharness import CommandProcess, get
+from faults import free_port
+from opsharness import get
+from sse_clients import SSEClient
+from ssefan_process import CommandProcess
+from waits import DEFAULT_TIMEOUT, wait_until
 
 from ssefan import demo
 

@@ -1,7 +1,7 @@
 """Fan-out over loopback: one upstream subscription, many clients, every event once.
 
 ssefan runs as a subprocess in front of a real upstream SSE app; clients are raw
-sockets with their own parser (tests/support/harness.py).
+sockets with their own parser (tests/support/sse_clients.py).
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import (
-    AsyncSSEClient,
-    FakeUpstream,
-    ReceivedEvent,
-    SSEClient,
-    event_ids,
-    running,
-)
+from sse_clients import AsyncSSEClient, ReceivedEvent, SSEClient, event_ids
+from sse_upstream import FakeUpstream
+from ssefan_process import running
 
 CLIENTS = 1000
 EVENTS = 20

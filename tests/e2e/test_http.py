@@ -18,18 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import (
-    FakeUpstream,
-    RawConnection,
-    SSEClient,
-    SsefanProcess,
-    get_stream,
-    multi_route_config,
-    pump_until,
-    refusal_of,
-    running_config,
-    wait_until,
-)
+from raw_http import RawConnection, get_stream
+from sse_clients import SSEClient, pump_until, refusal_of
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, multi_route_config, running_config
+from waits import wait_until
 
 ALLOWED_ORIGIN = "https://app.example"
 OTHER_ORIGIN = "https://evil.example"

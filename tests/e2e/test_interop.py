@@ -7,7 +7,7 @@
   events, its connection is cut, and it reconnects *by itself*, sending
   `Last-Event-ID` as browsers do.
 
-How the disconnect is forced: a small TCP proxy (harness.CutProxy) sits
+How the disconnect is forced: a small TCP proxy (faults.CutProxy) sits
 between the client and ssefan and severs the connection mid-stream. To the
 client this is exactly a network failure or a server restart; nothing in
 ssefan is bent for the test, and EventSource's own reconnect logic (the thing
@@ -34,8 +34,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from harness import CutProxy, FakeUpstream, SsefanProcess, running, wait_until
+from faults import CutProxy
 from httpx_sse import ServerSentEvent, connect_sse
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, running
+from waits import wait_until
 
 INTEROP_DIR = Path(__file__).parents[1] / "support" / "interop"
 NODE_SCRIPT = INTEROP_DIR / "eventsource_client.mjs"

@@ -25,28 +25,14 @@ from collections.abc import Callable, Iterator
 import h11
 import httpx
 import pytest
-from app_server import (
-    TestApp,
-    VerboseSsefan,
-    free_port,
-    pattern,
-    read_ws_frame,
-    recv_exactly,
-    stop_clean,
-    ws_accept,
-    ws_frame,
-)
-from harness import (
-    DEFAULT_TIMEOUT,
-    FakeUpstream,
-    RawConnection,
-    Response,
-    SSEClient,
-    SsefanProcess,
-    http_request,
-    wait_until,
-    write_config,
-)
+from app_server import TestApp, pattern
+from faults import free_port
+from raw_http import RawConnection, Response, http_request
+from sse_clients import SSEClient
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, VerboseSsefan, stop_clean, write_config
+from waits import DEFAULT_TIMEOUT, wait_until
+from ws_frames import read_ws_frame, recv_exactly, ws_accept, ws_frame
 
 import ssefan.edge.proxy as proxy_module
 from ssefan.config import parse_config

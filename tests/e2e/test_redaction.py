@@ -9,8 +9,11 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from app_server import TestApp, VerboseSsefan, stop_clean
-from harness import FakeUpstream, RawConnection, SsefanProcess, wait_until, write_config
+from app_server import TestApp
+from raw_http import RawConnection
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, VerboseSsefan, stop_clean, write_config
+from waits import wait_until
 
 from ssefan.ops.logs import JsonFormatter, KeyValueFormatter, is_secret_param, redact
 

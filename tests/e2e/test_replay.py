@@ -15,7 +15,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from harness import FakeUpstream, SSEClient, SsefanProcess, event_ids, running, wait_until
+from sse_clients import SSEClient, event_ids
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, running
+from waits import wait_until
 
 GAP = "ssefan-gap"
 

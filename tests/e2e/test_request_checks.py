@@ -22,19 +22,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from app_server import TestApp, stop_clean
-from harness import (
-    DEFAULT_TIMEOUT,
-    FakeUpstream,
-    RawConnection,
-    Response,
-    SSEClient,
-    SsefanProcess,
-    pump_until,
-    wait_until,
-    write_config,
-)
+from app_server import TestApp
 from opsharness import admin_url, scrape
+from raw_http import RawConnection, Response
+from sse_clients import SSEClient, pump_until
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, stop_clean, write_config
+from waits import DEFAULT_TIMEOUT, wait_until
 
 from ssefan.config import RouteConfig, parse_config
 from ssefan.core.paths import routing_path, variant_path

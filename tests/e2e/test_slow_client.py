@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from harness import FakeUpstream, SSEClient, SsefanProcess, StreamDecoder, running
+from sse_clients import SSEClient, StreamDecoder
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, running
 
 READERS = 100
 LAG_LIMIT = 256 * 1024

@@ -10,20 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from harness import (
-    FakeUpstream,
-    FixedPortUpstream,
-    SSEClient,
-    SsefanProcess,
-    event_ids,
-    fast_upstream,
-    holds_for,
-    multi_route_config,
-    pump_until,
-    running,
-    running_config,
-    wait_until,
-)
+from sse_clients import SSEClient, event_ids, pump_until
+from sse_upstream import FakeUpstream, FixedPortUpstream
+from ssefan_process import SsefanProcess, fast_upstream, multi_route_config, running, running_config
+from waits import holds_for, wait_until
 
 from ssefan.config import UpstreamConfig
 from ssefan.core.sse import Event, IdOnly, Overflow

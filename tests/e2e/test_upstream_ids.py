@@ -13,17 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness import (
-    FakeUpstream,
-    SSEClient,
-    SsefanProcess,
-    event_ids,
-    fast_upstream,
-    multi_route_config,
-    wait_until,
-    write_config,
-)
 from opsharness import admin_url, scrape, value
+from sse_clients import SSEClient, event_ids
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, fast_upstream, multi_route_config, write_config
+from waits import wait_until
 
 REUSE_WARNING = "upstream reused event id"
 

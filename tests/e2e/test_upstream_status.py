@@ -20,15 +20,11 @@ from pathlib import Path
 
 import h11
 import pytest
-from harness import (
-    DEFAULT_TIMEOUT,
-    FakeUpstream,
-    SSEClient,
-    multi_route_config,
-    running_config,
-    wait_until,
-)
 from opsharness import admin_url, get
+from sse_clients import SSEClient
+from sse_upstream import FakeUpstream
+from ssefan_process import multi_route_config, running_config
+from waits import DEFAULT_TIMEOUT, wait_until
 
 from ssefan.config import UpstreamConfig
 from ssefan.stream.upstream import FailureKind, Upstream, UpstreamFailure, UpstreamState

@@ -7,16 +7,10 @@ import socket
 import sys
 from pathlib import Path
 
-from harness import (
-    DEFAULT_TIMEOUT,
-    FakeUpstream,
-    SSEClient,
-    SsefanProcess,
-    route_config,
-    wait_until,
-    write_config,
-)
-from opsharness import CommandProcess
+from sse_clients import SSEClient
+from sse_upstream import FakeUpstream
+from ssefan_process import CommandProcess, SsefanProcess, route_config, write_config
+from waits import DEFAULT_TIMEOUT, wait_until
 
 # What systemd does between fork and exec: the socket at fd 3, LISTEN_FDS=1
 # and LISTEN_PID naming the process that will run ssefan (known only in it).

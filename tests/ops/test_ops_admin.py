@@ -10,7 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from harness import DEFAULT_TIMEOUT
+from waits import DEFAULT_TIMEOUT
 
 from ssefan.ops import admin as admin_module
 from ssefan.ops import metrics

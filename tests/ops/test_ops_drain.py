@@ -9,16 +9,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from harness import (
-    AsyncSSEClient,
-    FakeUpstream,
-    Response,
-    SsefanProcess,
-    refusal_of,
-    route_config,
-    write_config,
-)
-from opsharness import signal_proc
+from raw_http import Response
+from sse_clients import AsyncSSEClient, refusal_of
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, route_config, signal_proc, write_config
 
 from ssefan.ops.app import DRAIN_RETRY_MS, MIN_DRAIN_RATE
 

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import FakeUpstream, SsefanProcess, route_config, wait_until, write_config
-from opsharness import CommandProcess, NotifyReceiver, serve_args, short_socket_path
+from opsharness import NotifyReceiver, short_socket_path
+from sse_upstream import FakeUpstream
+from ssefan_process import CommandProcess, SsefanProcess, route_config, serve_args, write_config
+from waits import wait_until
 
 from ssefan.config import parse_config
 from ssefan.ops.logs import JsonFormatter, KeyValueFormatter, Redactor, config_secrets

@@ -7,19 +7,13 @@ import json
 import socket
 from pathlib import Path
 
-from harness import (
-    DEFAULT_TIMEOUT,
-    FakeUpstream,
-    SSEClient,
-    SsefanProcess,
-    http_request,
-    refusal_of,
-    route_config,
-    wait_until,
-    write_config,
-)
 from opsharness import admin_url, get, maybe, scrape, value
 from prometheus_client.parser import text_string_to_metric_families
+from raw_http import http_request
+from sse_clients import SSEClient, refusal_of
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, route_config, write_config
+from waits import DEFAULT_TIMEOUT, wait_until
 
 from ssefan.ops import metrics
 

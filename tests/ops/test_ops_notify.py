@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import FakeUpstream, SsefanProcess, route_config, write_config
-from opsharness import NotifyReceiver, short_socket_path, signal_proc, wait_log
+from opsharness import NotifyReceiver, short_socket_path
+from sse_upstream import FakeUpstream
+from ssefan_process import SsefanProcess, route_config, signal_proc, wait_log, write_config
 
 from ssefan.ops.notify import Notifier, watchdog_interval
 

@@ -11,20 +11,18 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from harness import (
-    FakeUpstream,
-    SSEClient,
+from raw_http import http_request
+from sse_clients import SSEClient, StreamDecoder, pump_until, refusal_of
+from sse_upstream import FakeUpstream
+from ssefan_process import (
     SsefanProcess,
-    StreamDecoder,
-    http_request,
     multi_route_config,
-    pump_until,
-    refusal_of,
     route_config,
-    wait_until,
+    signal_proc,
+    wait_log,
     write_config,
 )
-from opsharness import signal_proc, wait_log
+from waits import wait_until
 
 from ssefan.config import AdminConfig, Config, ListenConfig, RouteConfig, UpstreamConfig
 from ssefan.core.sse import Event

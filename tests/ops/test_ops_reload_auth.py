@@ -10,16 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from app_server import TestApp, stop_clean
-from harness import (
-    FakeUpstream,
-    SSEClient,
+from app_server import TestApp
+from raw_http import http_request
+from sse_clients import SSEClient
+from sse_upstream import FakeUpstream
+from ssefan_process import (
     SsefanProcess,
-    http_request,
     multi_route_config,
+    signal_proc,
+    stop_clean,
+    wait_log,
     write_config,
 )
-from opsharness import signal_proc, wait_log
 
 from ssefan.ops.app import AUTH_RELOAD_WINDOW, DRAIN_RETRY_MS
 

@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import DEFAULT_TIMEOUT, FakeUpstream, route_config, write_config
+from sse_upstream import FakeUpstream
+from ssefan_process import route_config, write_config
+from waits import DEFAULT_TIMEOUT
 
 from ssefan.config import ConfigError, parse_config
 from ssefan.ops import supervisor as supervisor_module

@@ -9,25 +9,19 @@ import socket
 import sys
 from pathlib import Path
 
-from harness import (
-    FakeUpstream,
-    SSEClient,
+from opsharness import Samples, admin_url, maybe, scrape, value
+from sse_clients import SSEClient
+from sse_upstream import FakeUpstream
+from ssefan_process import (
+    CommandProcess,
     SsefanProcess,
     multi_route_config,
     route_config,
-    wait_until,
+    signal_proc,
+    wait_log,
     write_config,
 )
-from opsharness import (
-    CommandProcess,
-    Samples,
-    admin_url,
-    maybe,
-    scrape,
-    signal_proc,
-    value,
-    wait_log,
-)
+from waits import wait_until
 
 ACTIVATE = (
     "import os, sys\n"

@@ -24,30 +24,25 @@ Endpoints:
                      looked up in `auth_rules` (name -> status; unknown: 401); names in
                      `auth_held` wait for gate "auth" first
 
-Also here: `VerboseSsefan` (ssefan at --log-level debug, for the no-credential
-checks) and a minimal WebSocket client frame codec.
+The /ws frames are `ws_frames`' codec.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import http.server
 import itertools
 import json
-import os
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
-from harness import DEFAULT_TIMEOUT, SsefanProcess, wait_until
+from waits import DEFAULT_TIMEOUT, wait_until
+from ws_frames import read_ws_frame, ws_accept, ws_frame
 
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 PATTERN = bytes(range(256))
 
 
@@ -371,87 +366,3 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 def pattern(n: int) -> bytes:
     return (PATTERN * (n // len(PATTERN) + 1))[:n]
-
-
-# --------------------------------------------------------------------------- WebSocket frames
-
-
-def ws_frame(opcode: int, payload: bytes, *, mask: bool) -> bytes:
-    """One final frame (RFC 6455 §5.2); clients must mask, servers must not."""
-    head = bytes([0x80 | opcode])
-    mask_bit = 0x80 if mask else 0
-    n = len(payload)
-    if n < 126:
-        head += bytes([mask_bit | n])
-    elif n < 1 << 16:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-def read_ws_frame(read: _Read) -> tuple[int, bytes] | None:
-    head = read(2)
-    if len(head) < 2:
-        return None
-    opcode, masked, n = head[0] & 0x0F, head[1] & 0x80, head[1] & 0x7F
-    if n == 126:
-        n = struct.unpack("!H", read(2))[0]
-    elif n == 127:
-        n = struct.unpack("!Q", read(8))[0]
-    key = read(4) if masked else b""
-    payload = read(n)
-    if masked:
-        payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return opcode, payload
-
-
-class _Read(Protocol):
-    def __call__(self, n: int, /) -> bytes: ...
-
-
-def recv_exactly(sock: socket.socket, buffer: bytearray) -> _Read:
-    """A read(n) over a socket with `buffer` holding bytes already received."""
-
-    def read(n: int) -> bytes:
-        while len(buffer) < n:
-            data = sock.recv(65536)
-            if not data:
-                break
-            buffer.extend(data)
-        out = bytes(buffer[:n])
-        del buffer[:n]
-        return out
-
-    return read
-
-
-def ws_accept(key: bytes) -> str:
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
-
-
-# --------------------------------------------------------------------------- ssefan at debug level
-
-
-class VerboseSsefan(SsefanProcess):
-    """ssefan at --log-level debug: every log line a test can check for secrets."""
-
-    def __init__(self, config_path: Path) -> None:
-        super().__init__(config_path, args=("--log-level", "debug"))
-
-
-def stop_clean(proc: SsefanProcess) -> None:
-    """Stop ssefan and check it logged no error and no traceback meanwhile."""
-    proc.stop()
-    bad = [line for line in proc.lines if "level=error" in line.lower() or "Traceback" in line]
-    assert not bad, "ssefan logged errors:\n" + "\n".join(bad)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

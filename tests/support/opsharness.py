@@ -1,15 +1,18 @@
-"""Helpers for the operations tests (test_ops_*): an sd_notify receiver, the
-admin endpoints, Prometheus scraping, and signals to a running ssefan."""
+"""What the ops tests observe of a running ssefan besides its streams: sd_notify, admin, metrics.
+
+* `NotifyReceiver`: the datagram socket systemd would hand over as NOTIFY_SOCKET.
+* `admin_url`, `get`: the admin endpoints, fetched with urllib (another
+  HTTP client than ssefan's and the tests' own).
+* `scrape`, `value`, `maybe`: /metrics parsed by prometheus_client's parser.
+
+Starting and signalling ssefan itself is `ssefan_process`.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,55 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import DEFAULT_TIMEOUT, SsefanProcess, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from ssefan_process import SsefanProcess
+from waits import DEFAULT_TIMEOUT, wait_until
 
 ADMIN_LINE = re.compile(r"admin endpoints at (http://\S+)")
-
-
-class CommandProcess(SsefanProcess):
-    """SsefanProcess for another command line: `argv` runs instead of
-    `python -m ssefan serve --config FILE` (which `serve_args()` gives)."""
-
-    def __init__(
-        self,
-        config_path: Path,
-        argv: list[str],
-        *,
-        env: dict[str, str] | None = None,
-        pass_fds: tuple[int, ...] = (),
-        stderr_to: int | None = None,
-    ) -> None:
-        super().__init__(config_path, env=env)
-        self.argv = argv
-        self.pass_fds = pass_fds
-        self.stderr_to = stderr_to
-
-    def start(self, timeout: float = DEFAULT_TIMEOUT) -> CommandProcess:
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if self.stderr_to is None else self.stderr_to,
-            text=True,
-            env=self._env,
-            pass_fds=self.pass_fds,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        if self.stderr_to is not None:
-            return self  # the log goes elsewhere: the caller waits on it there
-        wait_until(
-            lambda: bool(self.url) or self.proc is None or self.proc.poll() is not None,
-            timeout,
-            "ssefan to listen",
-        )
-        if not self.url:
-            raise AssertionError("ssefan did not start:\n" + self.log_text())
-        return self
-
-
-def serve_args(config_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ssefan", "serve", "--config", str(config_path), *extra]
 
 
 @dataclass
@@ -157,15 +116,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def maybe(samples: Samples, name: str, **labels: str) -> float | None:
     """A sample's value, or None while it is absent (for waiting on it)."""
     return samples.get((name, frozenset(labels.items())))
-
-
-def signal_proc(proc: SsefanProcess, sig: signal.Signals) -> None:
-    assert proc.proc is not None
-    os.kill(proc.proc.pid, sig)
-
-
-def wait_log(proc: SsefanProcess, text: str, count: int = 1) -> None:
-    wait_until(lambda: proc.log_text().count(text) >= count, DEFAULT_TIMEOUT, repr(text))
 
 
 def short_socket_path(tmp_path: Path, name: str) -> str:

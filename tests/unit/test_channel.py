@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import cast
 
 import pytest
-from harness import StreamDecoder
+from sse_clients import StreamDecoder
 
 from ssefan.config import RouteConfig, StartConfig, UpstreamConfig
 from ssefan.core.refusal import RefusalReason
