@@ -14,6 +14,7 @@ from ssefan.config.schema import (
     AuthConfig,
     Config,
     CorsConfig,
+    KeyConfig,
     ProxyConfig,
     RouteConfig,
     UpstreamConfig,
@@ -29,6 +30,7 @@ _CONFIG_KEYS = _fields(Config, without=("source",))
 _ROUTE_KEYS = _fields(RouteConfig)
 _UPSTREAM_KEYS = _fields(UpstreamConfig)
 _CORS_KEYS = _fields(CorsConfig)
+_KEY_KEYS = _fields(KeyConfig)
 # `start: {events: N}` or `{age: DURATION}`; StartConfig's fields are kind, count, age.
 _START_KEYS = ("events", "age")
 _AUTH_KEYS = _fields(AuthConfig)

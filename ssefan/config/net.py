@@ -10,6 +10,7 @@ from urllib.parse import SplitResult, urlsplit
 
 from ssefan.config.schema import ListenConfig
 from ssefan.config.values import _BadValue, _kind, _show
+from ssefan.core.template import TemplateError, is_template, parse_route
 
 # RFC 9110 §5.6.2: a header name is a token.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -232,6 +233,13 @@ def _route_path(value: object) -> str:
     expected = 'expected a path starting with "/", like "/events"'
     if not isinstance(value, str) or not value.startswith("/") or _CONTROL.search(value):
         raise _BadValue(f"{expected}, got {_show(value)}")
+    if is_template(value):
+        # `/jobs/{job}/progress` or `/events?topic={topic}`: its own grammar.
+        try:
+            parse_route(value)
+        except TemplateError as err:
+            raise _BadValue(str(err)) from None
+        return value
     if "?" in value or "#" in value:
         raise _BadValue(
             f"{expected} without ? or #, got {_show(value)}:"

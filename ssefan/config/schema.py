@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ssefan.config.values import MINUTES, SECONDS, KiB, MiB
+from ssefan.core.template import DEFAULT_KEY_PATTERN
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +34,15 @@ class StartConfig:
     kind: Literal["live", "events", "age"] = "live"
     count: int = 0
     age: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyConfig:
+    """What a template route's key may be. Keys come from the request: untrusted."""
+
+    # Anchored (the whole key must match), ASCII classes only. The default holds
+    # numbers, slugs and UUIDs; nothing in it needs percent-encoding.
+    pattern: str = DEFAULT_KEY_PATTERN
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +73,12 @@ class UpstreamConfig:
 class RouteConfig:
     path: str
     upstream: UpstreamConfig
+    # A template route (`/jobs/{job}/progress`) serves one channel per key, each
+    # with its own ring and upstream subscription; `key` bounds what a key may
+    # be, and `max_channels` how many keys may be live at once (None = only the
+    # global max_channels applies). Template routes are always lazy.
+    key: KeyConfig = field(default_factory=KeyConfig)
+    max_channels: int | None = None
     # Ring bounds: count, bytes and age together; an event is evicted when any is hit.
     # 1000 events covers a typical reconnect window (browsers retry after 3-5 s)
     # at up to ~200 events/s.
@@ -180,6 +196,13 @@ class Config:
     # Global cap on concurrent streams across routes. Each stream costs a socket
     # and a few KiB; 100k matches the LimitNOFILE the systemd unit sets.
     max_clients: int = 100_000
+    # Template routes: live keys (channels) across all routes. A new key past it
+    # gets the temporary refusal; live channels are never evicted to make room.
+    # 10k idle channels cost ~100 MiB (each holds an upstream connection).
+    max_channels: int = 10_000
+    # Every ring's bytes together. When reached, the oldest events of the rings
+    # holding most are evicted first; the newest event of every ring stays.
+    ring_bytes_total: int = 256 * MiB
     # Request line + headers. 16 KiB is h11's default and nginx's
     # large_client_header_buffers-ish; browsers' EventSource requests are < 2 KiB.
     max_header_bytes: int = 16 * KiB
@@ -212,6 +235,7 @@ class Config:
 _UPSTREAM_DEFAULTS = UpstreamConfig(url="http://127.0.0.1")
 _ROUTE_DEFAULTS = RouteConfig(path="/", upstream=_UPSTREAM_DEFAULTS)
 _CORS_DEFAULTS = CorsConfig(allow_origins=())
+_KEY_DEFAULTS = KeyConfig()
 _AUTH_DEFAULTS = AuthConfig(url="http://127.0.0.1")
 _PROXY_DEFAULTS = ProxyConfig()
 _CONFIG_DEFAULTS = Config(listen=ListenConfig(host="127.0.0.1", port=0))

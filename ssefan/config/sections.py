@@ -28,6 +28,14 @@ from ssefan.config.values import (
     _workers,
 )
 from ssefan.core.paths import routing_path
+from ssefan.core.template import (
+    RouteTemplate,
+    TemplateError,
+    is_template,
+    matches_static,
+    overlaps,
+    parse_route,
+)
 
 
 def _read_config(reader: _Reader, raw: object) -> Config | None:
@@ -50,6 +58,8 @@ def _read_config(reader: _Reader, raw: object) -> Config | None:
         app=app,
         routes=routes or (),
         max_clients=section.get("max_clients", _integer(minimum=1), d.max_clients),
+        max_channels=section.get("max_channels", _integer(minimum=1), d.max_channels),
+        ring_bytes_total=section.get("ring_bytes_total", _size(), d.ring_bytes_total),
         max_header_bytes=section.get("max_header_bytes", _size(), d.max_header_bytes),
         header_timeout=section.get("header_timeout", _duration(positive=True), d.header_timeout),
         keepalive_timeout=section.get("keepalive_timeout", _duration(), d.keepalive_timeout),
@@ -175,6 +185,7 @@ def _read_routes(reader: _Reader, raw: object, has_app: bool) -> tuple[RouteConf
         )
     routes = [_read_route(reader, item, f"routes[{index}]") for index, item in enumerate(raw)]
     _check_unique_paths(reader, raw)
+    _check_templates_apart(reader, routes)
     present = [route for route in routes if route is not None]
     return tuple(present) if len(present) == len(routes) else None
 
@@ -202,6 +213,42 @@ def _check_unique_paths(reader: _Reader, items: list[object]) -> None:
                 ' normalising "/", "//", "." and percent-escapes)'
             )
         reader.report(f"routes[{index}].path", f"{reason}; each path serves one stream")
+
+
+def _check_templates_apart(reader: _Reader, routes: list[RouteConfig | None]) -> None:
+    """Every request path has one route: no two templates can match one path,
+    and no static route takes every request a template would match."""
+    templates: list[tuple[int, RouteTemplate]] = []
+    statics: list[tuple[int, str]] = []
+    for index, route in enumerate(routes):
+        if route is None:
+            continue
+        if not is_template(route.path):
+            statics.append((index, route.path))
+            continue
+        try:
+            templates.append((index, parse_route(route.path, pattern=route.key.pattern)))
+        except TemplateError:
+            continue  # reported with the route
+    for position, (index, template) in enumerate(templates):
+        for first, earlier in templates[:position]:
+            if overlaps(earlier, template):
+                reader.report(
+                    f"routes[{index}].path",
+                    f"{_show(template.source)} can match the same requests as routes[{first}]"
+                    f".path {_show(earlier.source)}; make a literal segment differ, or narrow"
+                    " one key pattern so that no key fits both",
+                )
+        if template.segments and not template.params:
+            continue  # a static path a path template matches is fine: the static wins
+        for first, static in statics:
+            if matches_static(template, static):
+                reader.report(
+                    f"routes[{index}].path",
+                    f"{_show(template.source)} is never reached: routes[{first}].path"
+                    f" {_show(static)} takes every request for that path (a static route wins);"
+                    " give the template a path of its own",
+                )
 
 
 def _route_path_of(item: object) -> object:
