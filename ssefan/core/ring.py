@@ -9,9 +9,10 @@ No asyncio, no sockets: time is passed in by the caller.
 
 from __future__ import annotations
 
+import heapq
 from zlib import crc32
 
-__all__ = ["Ring"]
+__all__ = ["Ring", "RingBudget"]
 
 # Ids of recently evicted events are remembered (bounded, see below) so a
 # reconnecting client can be told "evicted" rather than "unknown", each with a
@@ -22,12 +23,54 @@ __all__ = ["Ring"]
 # is about 100 bytes: 400 KiB for the smallest memory.
 EVICTED_MEMORY_MIN = 4096
 EVICTED_MEMORY_FACTOR = 4
+# Slots a ring starts with; it doubles up to max_events as events come. An
+# idle ring of a template key then costs a few hundred bytes, not 4 lists of
+# max_events pointers (32 KiB at the default 1000).
+INITIAL_SLOTS = 8
+# A reclaim brings the rings' bytes down to this share of the budget, so that
+# one arrives every 5 % of the budget rather than with every event past it.
+RECLAIM_TO = 0.95
+
+
+class RingBudget:
+    """The bytes every ring holds together, against `ring_bytes_total`.
+
+    Rings add and subtract what they append and evict. Past the limit, the
+    rings holding most lose their oldest events first (a ring's newest event
+    always stays), down to RECLAIM_TO of the limit: a burst on one channel
+    cannot grow memory without bound, and a quiet channel's short history is
+    the last thing to go.
+    """
+
+    __slots__ = ("evictions", "held", "limit", "rings")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit  # a reload may change it
+        self.held = 0
+        self.evictions = 0  # events evicted for the budget, not their ring's own bounds
+        self.rings: set[Ring] = set()
+
+    def reclaim(self) -> None:
+        target = int(self.limit * RECLAIM_TO)
+        # Biggest first; a ring goes back in the heap while it is still bigger
+        # than the next, so the largest rings shrink towards each other.
+        heap = [(-ring.held_bytes, id(ring), ring) for ring in self.rings if len(ring) > 1]
+        heapq.heapify(heap)
+        while self.held > target and heap:
+            _, _, ring = heapq.heappop(heap)
+            next_held = -heap[0][0] if heap else 0
+            while self.held > target and len(ring) > 1 and ring.held_bytes >= next_held:
+                ring._evict_oldest()
+                self.evictions += 1
+            if len(ring) > 1 and self.held > target:
+                heapq.heappush(heap, (-ring.held_bytes, id(ring), ring))
 
 
 class Ring:
     """A circular buffer of encoded events with an id -> seq index."""
 
     __slots__ = (
+        "_budget",
         "_cap",
         "_data",
         "_evicted",
@@ -36,6 +79,7 @@ class Ring:
         "_index",
         "_max_age",
         "_max_bytes",
+        "_slots",
         "_starts",
         "_times",
         "first_seq",
@@ -43,24 +87,44 @@ class Ring:
         "total_bytes",
     )
 
-    def __init__(self, *, max_events: int, max_bytes: int, max_age: float) -> None:
+    def __init__(
+        self,
+        *,
+        max_events: int,
+        max_bytes: int,
+        max_age: float,
+        budget: RingBudget | None = None,
+    ) -> None:
         if max_events < 1:
             raise ValueError("max_events must be >= 1")
         self._cap = max_events
         self._max_bytes = max_bytes
         self._max_age = max_age  # 0 = no age bound
-        self._data: list[bytes] = [b""] * max_events
-        self._ids: list[str] = [""] * max_events
-        self._times: list[float] = [0.0] * max_events
+        # The lists below have _slots entries (growing to _cap); seq s lives
+        # at s % _slots.
+        self._slots = slots = min(max_events, INITIAL_SLOTS)
+        self._data: list[bytes] = [b""] * slots
+        self._ids: list[str] = [""] * slots
+        self._times: list[float] = [0.0] * slots
         # Byte offset (of all bytes ever appended) at which each entry starts;
         # bytes between two seqs is a subtraction, not a sum.
-        self._starts: list[int] = [0] * max_events
+        self._starts: list[int] = [0] * slots
         self._index: dict[str, int] = {}
         self._evicted: dict[str, int] = {}  # id -> crc32 of the encoded event
         self._evicted_cap = max(EVICTED_MEMORY_MIN, max_events * EVICTED_MEMORY_FACTOR)
         self.first_seq = 0  # oldest seq held
         self.next_seq = 0  # seq the next appended event gets
         self.total_bytes = 0  # bytes ever appended (offset of next_seq)
+        self._budget = budget
+        if budget is not None:
+            budget.rings.add(self)
+
+    def release(self) -> None:
+        """Leave the budget: the ring is discarded (its channel closed or rebuilt)."""
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget.rings.discard(self)
+            budget.held -= self.held_bytes
 
     # -- size ---------------------------------------------------------------
 
@@ -75,7 +139,7 @@ class Ring:
         """Byte offset at which `seq` starts (`seq` held, or == next_seq)."""
         if seq >= self.next_seq:
             return self.total_bytes
-        return self._starts[seq % self._cap]
+        return self._starts[seq % self._slots]
 
     def bytes_from(self, seq: int) -> int:
         """Encoded bytes from `seq` (held) up to the head."""
@@ -86,9 +150,13 @@ class Ring:
     def append(self, event_id: str, data: bytes, now: float) -> int:
         """Store one encoded event; evict what no longer fits. Returns its seq."""
         seq = self.next_seq
-        if seq - self.first_seq == self._cap:
-            self._evict_oldest()
-        i = seq % self._cap
+        held = seq - self.first_seq
+        if held == self._slots:
+            if held == self._cap:
+                self._evict_oldest()
+            else:
+                self._grow()
+        i = seq % self._slots
         self._data[i] = data
         self._ids[i] = event_id
         self._times[i] = now
@@ -102,14 +170,38 @@ class Ring:
         while self.held_bytes > self._max_bytes and len(self) > 1:
             self._evict_oldest()
         self.expire(now)
+        budget = self._budget
+        if budget is not None:
+            budget.held += len(data)
+            if budget.held > budget.limit:
+                budget.reclaim()
         return seq
+
+    def _grow(self) -> None:
+        """Double the slots (up to max_events), keeping every held seq's place."""
+        old, slots = self._slots, min(self._cap, self._slots * 2)
+        held = range(self.first_seq, self.next_seq)
+        data: list[bytes] = [b""] * slots
+        ids: list[str] = [""] * slots
+        times: list[float] = [0.0] * slots
+        starts: list[int] = [0] * slots
+        for seq in held:
+            i, j = seq % slots, seq % old
+            data[i], ids[i], times[i], starts[i] = (
+                self._data[j],
+                self._ids[j],
+                self._times[j],
+                self._starts[j],
+            )
+        self._data, self._ids, self._times, self._starts = data, ids, times, starts
+        self._slots = slots
 
     def expire(self, now: float) -> None:
         """Evict events older than the age bound (the newest always stays)."""
         if not self._max_age:
             return
         limit = now - self._max_age
-        while len(self) > 1 and self._times[self.first_seq % self._cap] < limit:
+        while len(self) > 1 and self._times[self.first_seq % self._slots] < limit:
             self._evict_oldest()
 
     def clear(self) -> None:
@@ -118,13 +210,15 @@ class Ring:
 
     def _evict_oldest(self) -> None:
         seq = self.first_seq
-        i = seq % self._cap
+        i = seq % self._slots
         event_id = self._ids[i]
         if event_id and self._index.get(event_id) == seq:
             del self._index[event_id]
             self._evicted[event_id] = crc32(self._data[i])
             if len(self._evicted) > self._evicted_cap:
                 del self._evicted[next(iter(self._evicted))]
+        if self._budget is not None:
+            self._budget.held -= len(self._data[i])
         self._data[i] = b""
         self.first_seq = seq + 1
 
@@ -146,7 +240,7 @@ class Ring:
         """
         seq = self._index.get(event_id)
         if seq is not None:
-            return self._data[seq % self._cap] == encoded
+            return self._data[seq % self._slots] == encoded
         digest = self._evicted.get(event_id)
         return digest is not None and digest == crc32(encoded)
 
@@ -155,23 +249,23 @@ class Ring:
         self._evicted.update(other._evicted)
 
     def id_at(self, seq: int) -> str:
-        return self._ids[seq % self._cap]
+        return self._ids[seq % self._slots]
 
     def time_at(self, seq: int) -> float:
-        return self._times[seq % self._cap]
+        return self._times[seq % self._slots]
 
     @property
     def oldest_id(self) -> str | None:
-        return self._ids[self.first_seq % self._cap] if len(self) else None
+        return self._ids[self.first_seq % self._slots] if len(self) else None
 
     @property
     def newest_id(self) -> str | None:
-        return self._ids[(self.next_seq - 1) % self._cap] if len(self) else None
+        return self._ids[(self.next_seq - 1) % self._slots] if len(self) else None
 
     def seq_since(self, t: float) -> int:
         """The first held seq stamped at or after `t` (next_seq if none)."""
         lo, hi = self.first_seq, self.next_seq
-        times, cap = self._times, self._cap
+        times, cap = self._times, self._slots
         while lo < hi:  # times are non-decreasing: binary search
             mid = (lo + hi) // 2
             if times[mid % cap] < t:
@@ -182,7 +276,7 @@ class Ring:
 
     def join(self, start: int, stop: int) -> bytes:
         """The encoded events [start, stop) as one bytes object."""
-        cap, data = self._cap, self._data
+        cap, data = self._slots, self._data
         if stop - start == 1:
             return data[start % cap]
         return b"".join([data[s % cap] for s in range(start, stop)])
@@ -194,6 +288,6 @@ class Ring:
         """
         base = self.offset(start)
         stop = start + 1
-        while stop < self.next_seq and self._starts[stop % self._cap] - base < max_bytes:
+        while stop < self.next_seq and self._starts[stop % self._slots] - base < max_bytes:
             stop += 1
         return self.join(start, stop), stop

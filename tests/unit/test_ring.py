@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssefan.core.ring import EVICTED_MEMORY_MIN, Ring
+from ssefan.core.ring import EVICTED_MEMORY_MIN, RECLAIM_TO, Ring, RingBudget
 
 
 def filled(n: int, *, max_events: int = 100, max_bytes: int = 1 << 20, max_age: float = 0) -> Ring:
@@ -112,3 +112,38 @@ def test_a_held_or_evicted_event_is_told_from_a_new_one_with_its_id() -> None:
 def test_rejects_empty_capacity() -> None:
     with pytest.raises(ValueError, match="max_events"):
         Ring(max_events=0, max_bytes=1, max_age=0)
+
+
+def test_slots_grow_to_max_events_and_keep_every_seq_in_place() -> None:
+    ring = Ring(max_events=100, max_bytes=1 << 20, max_age=0)
+    for n in range(250):  # grows 8 -> 16 -> ... -> 100, then wraps
+        ring.append(f"e{n}", b"x%d" % n, float(n))
+        assert ring.join(ring.first_seq, ring.next_seq) == b"".join(
+            b"x%d" % k for k in range(ring.first_seq, n + 1)
+        )
+    assert len(ring) == 100 and ring.oldest_id == "e150" and ring.newest_id == "e249"
+    assert ring.seq_of("e200") == 200 and ring.time_at(200) == 200.0
+    assert ring.seq_since(180.0) == 180 and ring.was_evicted("e149")
+
+
+def test_budget_evicts_oldest_of_the_rings_holding_most_and_keeps_each_newest() -> None:
+    budget = RingBudget(limit=1000)
+    heavy = Ring(max_events=100, max_bytes=1 << 20, max_age=0, budget=budget)
+    light = Ring(max_events=100, max_bytes=1 << 20, max_age=0, budget=budget)
+    for n in range(3):
+        light.append(f"l{n}", b"l" * 50, 0.0)  # 150 bytes
+    for n in range(20):
+        heavy.append(f"h{n}", b"h" * 50, 0.0)  # 1000 bytes: past the limit at h17
+    assert budget.held == heavy.held_bytes + light.held_bytes <= budget.limit
+    assert len(light) == 3  # the light ring lost nothing
+    assert heavy.was_evicted("h0") and heavy.newest_id == "h19"
+    assert budget.held <= int(budget.limit * RECLAIM_TO)
+    # Two rings holding the same: both shrink, each keeps its newest event.
+    tiny = RingBudget(limit=100)
+    a = Ring(max_events=10, max_bytes=1 << 20, max_age=0, budget=tiny)
+    b = Ring(max_events=10, max_bytes=1 << 20, max_age=0, budget=tiny)
+    a.append("a", b"a" * 80, 0.0)
+    b.append("b", b"b" * 80, 0.0)
+    assert (len(a), len(b)) == (1, 1) and tiny.held == 160  # the newest always stays
+    a.release()
+    assert tiny.held == 80 and a not in tiny.rings

@@ -594,3 +594,27 @@ def test_display_is_safe_to_log() -> None:
     assert shown == "/jobs/a%20b%C3%A9%3F/progress"
     assert shown.isascii() and shown.isprintable()
     assert isinstance(UPSTREAM, UpstreamTemplate)
+
+
+@pytest.mark.parametrize(
+    ("template", "path", "claimed"),
+    [
+        ("/jobs/{job}/progress", "/jobs/42/progress", True),
+        ("/jobs/{job}/progress", "/jobs/../progress", True),
+        ("/jobs/{job}/progress", "/jobs/a/b/progress", True),
+        ("/jobs/{job}/progress", "/jobs//progress", True),
+        ("/jobs/{job}/progress", "/jobs/progress", False),
+        ("/jobs/{job}/progress", "/jobs/42/log", False),
+        ("/jobs/{job}/progress", "/other/42/progress", False),
+        ("/t/{tenant}/rooms/{room}", "/t/a/rooms/b", True),
+        ("/t/{tenant}/rooms/{room}", "/t/a/x/rooms/b", True),
+        ("/t/{tenant}/rooms/{room}", "/u/a/rooms/b", False),
+        ("/{x}", "/anything", True),
+        ("/events?topic={topic}", "/events", True),
+        ("/events?topic={topic}", "/events/x", False),
+    ],
+)
+def test_claims_paths_of_the_template_whatever_the_key(
+    template: str, path: str, claimed: bool
+) -> None:
+    assert parse_route(template).claims(path) is claimed
