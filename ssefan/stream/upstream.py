@@ -1,13 +1,14 @@
-"""The ONE subscription per route: an h11 client for the app's SSE endpoint.
+"""The ONE subscription per route to the app's SSE endpoint, over http.client.
 
-Connect, stream, parse, hand batches to the sink; on EOF, error or a silent
-stream (read-idle watchdog) reconnect with exponential backoff and full jitter,
-resuming with Last-Event-ID. A 204 means "stop": the sink ends its streams and
-the upstream is not retried until a reload or restart.
+Connect, stream, parse (each read as one batch), hand batches to the sink; on
+EOF, error or a silent stream (read-idle watchdog) reconnect with exponential
+backoff and full jitter, resuming with Last-Event-ID. A 204 means "stop": the
+sink ends its streams and the upstream is not retried until a reload or restart.
 
 Why the last attempt ended is kept as one `LastFailure` record (its kind, a
 sentence for people, how many attempts in a row failed, when the next one
 is due): /readyz and the status page show it instead of a bare "backoff".
+The record, the states and the classification of failures are status.py's.
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
-import enum
 import logging
 import random
-import socket
-import ssl
 import time
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
@@ -30,31 +27,34 @@ import h11
 
 from ssefan.config import UpstreamConfig
 from ssefan.core.sse import Event, IdOnly, Overflow, Parser, resumable_id
+from ssefan.http.client import OriginConnection, connect, split_url
 from ssefan.http.flow import READ_WINDOW
-from ssefan.http.forwarding import describe_exception
-from ssefan.http.pool import split_url
 from ssefan.http.redaction import redact
-from ssefan.http.responses import MAX_RESPONSE_HEAD, is_event_stream
+from ssefan.http.responses import is_event_stream
 
-__all__ = ["FailureKind", "LastFailure", "Upstream", "UpstreamState"]
+# What the upstream says about itself is status.py's; importable from here too.
+from ssefan.stream.status import (
+    ATTEMPT_FAILURES,
+    FailureKind,
+    LastFailure,
+    UpstreamFailure,
+    UpstreamState,
+    classify,
+)
+
+__all__ = ["FailureKind", "LastFailure", "Upstream", "UpstreamFailure", "UpstreamState"]
 
 log = logging.getLogger("ssefan.upstream")
 
 # One read from the upstream socket: asyncio's own read window, which holds
 # hundreds of typical events, so a burst is parsed and fanned out as one batch.
+# Bounded: the parser is fastest on chunks of this size (one socket read of
+# uvloop's may bring 256 KiB).
 READ_SIZE = READ_WINDOW
 # An upstream `retry:` is honoured as the backoff base, within these bounds:
 # a 0 ms retry must not turn a failing app into a busy loop.
 MIN_RETRY_BASE = 0.1
 USER_AGENT = "ssefan"
-
-
-class UpstreamState(enum.Enum):
-    IDLE = "idle"  # not started (lazy route without clients)
-    CONNECTING = "connecting"
-    STREAMING = "streaming"
-    BACKOFF = "backoff"
-    STOPPED = "stopped"  # the app answered 204, or stop() was called
 
 
 class Sink(Protocol):
@@ -69,65 +69,6 @@ class Sink(Protocol):
     def upstream_disconnected(self) -> None: ...
 
     def upstream_stopped(self) -> None: ...
-
-
-class FailureKind(enum.Enum):
-    """Why an upstream attempt ended: what an operator would check first."""
-
-    STATUS = "status"  # the app answered, but not 200 (or 204)
-    CONTENT_TYPE = "content_type"  # 200, but not text/event-stream
-    REFUSED = "refused"  # nothing listens at host:port
-    DNS = "dns"  # the host name does not resolve
-    TLS = "tls"  # handshake or certificate verification failed
-    TIMEOUT = "timeout"  # TCP + TLS took longer than connect_timeout
-    IDLE_TIMEOUT = "idle_timeout"  # a stream with no byte for idle_timeout
-    CLOSED = "closed"  # the connection ended or was reset (also a clean end of stream)
-    PROTOCOL = "protocol"  # the app broke HTTP/1.1
-    NETWORK = "network"  # another socket error: host or network unreachable...
-    INTERNAL = "internal"  # a bug in ssefan (logged with its traceback)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LastFailure:
-    """How the upstream's most recent attempt ended. Kept after recovery
-    (with `count` 0) so the status page can still say what happened last."""
-
-    kind: FailureKind
-    text: str  # one sentence: what was wrong, and what to check
-    url: str  # the upstream URL, credentials redacted
-    count: int  # attempts failed in a row; 0 once a later attempt streams
-    at: float  # time.time() of the failure
-    # When the next attempt is due, set on entering backoff: time.monotonic()
-    # (for "in 0.4s") and time.time() (for a clock time people can compare).
-    next_attempt: float | None = None
-    next_attempt_wall: float | None = None
-
-    def describe(self, state: UpstreamState, now: float | None = None) -> str:
-        """`state` with this failure, in one line without ';' (/readyz joins
-        reasons with it): kind, count, text, URL and the next attempt."""
-        in_a_row = "1 failure" if self.count == 1 else f"{self.count} failures in a row"
-        line = f"{state.value} ({self.kind.value}, {in_a_row}): {self.text}, url {self.url}"
-        if state is UpstreamState.BACKOFF and self.next_attempt is not None:
-            wait = max(0.0, self.next_attempt - (time.monotonic() if now is None else now))
-            line += f", next attempt in {wait:.2f}s"
-            if self.next_attempt_wall is not None:
-                line += f" (at {_clock(self.next_attempt_wall)})"
-        elif state is UpstreamState.CONNECTING:
-            line += f", attempt {self.count + 1} under way"
-        return line
-
-
-def _clock(wall: float) -> str:
-    stamp = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class UpstreamFailure(Exception):
-    """The app answered, but not with a usable event stream (remote side's fault)."""
-
-    def __init__(self, kind: FailureKind, text: str) -> None:
-        super().__init__(text)
-        self.kind = kind
 
 
 class Upstream:
@@ -249,7 +190,7 @@ class Upstream:
                     # counted as a failure in the metrics, but /readyz says why
                     # the route is in backoff.
                     self._failed(FailureKind.CLOSED, "the app ended the stream")
-            except (OSError, TimeoutError, h11.ProtocolError, UpstreamFailure) as exc:
+            except ATTEMPT_FAILURES as exc:
                 self.failures += 1
                 failure = self._failed(*self._classify(exc))
                 log.warning(
@@ -300,16 +241,8 @@ class Upstream:
     async def _stream_once(self) -> bool:
         """One connection: returns True if the app said stop (204)."""
         cfg, target = self.config, self.origin
-        ssl_context = ssl.create_default_context() if target.scheme == "https" else None
         try:
-            async with asyncio.timeout(cfg.connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    target.host,
-                    target.port,
-                    ssl=ssl_context,
-                    server_hostname=target.host if ssl_context else None,
-                    limit=READ_SIZE,
-                )
+            connection = await connect(target, connect_timeout=cfg.connect_timeout)
         except TimeoutError:
             raise UpstreamFailure(
                 FailureKind.TIMEOUT,
@@ -318,11 +251,11 @@ class Upstream:
                 f" (routes[path={self.route}].upstream.connect_timeout)",
             ) from None
         try:
-            return await self._converse(reader, writer)
+            return await self._converse(connection)
         finally:
-            writer.close()
+            connection.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                await connection.wait_closed()
 
     def _request_headers(self) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = [
@@ -341,22 +274,21 @@ class Upstream:
             headers.append((b"Last-Event-ID", last_id.encode("utf-8")))
         return headers
 
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+    async def _converse(self, connection: OriginConnection) -> bool:
         request = h11.Request(method="GET", target=self.target, headers=self._request_headers())
-        writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+        connection.write(request)
+        connection.write(h11.EndOfMessage())
         idle = self.config.idle_timeout
         parser: Parser | None = None
         while True:
-            event = conn.next_event()
+            event = connection.next_event()
             if event is h11.NEED_DATA:
                 try:
                     async with asyncio.timeout(idle):
-                        data = await reader.read(READ_SIZE)
+                        await connection.read(READ_SIZE)
                 except TimeoutError:
                     raise UpstreamFailure(FailureKind.IDLE_TIMEOUT, self._idle_text()) from None
-                conn.receive_data(data)
-                if parser is not None and not self._publish_ready(conn, parser):
+                if parser is not None and not self._publish_ready(connection, parser):
                     return False
                 continue
             if isinstance(event, h11.InformationalResponse):
@@ -374,7 +306,7 @@ class Upstream:
                 self.sink.upstream_connected()
                 self._set_state(UpstreamState.STREAMING)
                 log.info("route=%s upstream=%s streaming", self.route, self.config.url)
-                if not self._publish_ready(conn, parser):
+                if not self._publish_ready(connection, parser):
                     return False
                 continue
             if isinstance(event, h11.ConnectionClosed):
@@ -396,9 +328,9 @@ class Upstream:
             " until it next writes"
         )
 
-    def _publish_ready(self, conn: h11.Connection, parser: Parser) -> bool:
+    def _publish_ready(self, connection: OriginConnection, parser: Parser) -> bool:
         """Publish everything one read produced as one batch; False if the body ended."""
-        items = self._drain_body(conn, parser)
+        items = self._drain_body(connection, parser)
         if items is None:
             return False
         if items:
@@ -407,12 +339,12 @@ class Upstream:
         return True
 
     def _drain_body(
-        self, conn: h11.Connection, parser: Parser
+        self, connection: OriginConnection, parser: Parser
     ) -> list[Event | IdOnly | Overflow] | None:
         """Parse every body event h11 has ready. None means the body ended."""
         items: list[Event | IdOnly | Overflow] = []
         while True:
-            event = conn.next_event()
+            event = connection.next_event()
             if event is h11.NEED_DATA:
                 return items
             if isinstance(event, h11.Data):
@@ -460,30 +392,4 @@ class Upstream:
 
     def _classify(self, exc: BaseException) -> tuple[FailureKind, str]:
         """The kind and a sentence for an exception that ended an attempt."""
-        where = f"{self.origin.host}:{self.origin.port}"
-        if isinstance(exc, UpstreamFailure):
-            return exc.kind, str(exc)
-        # Before OSError: ssl.SSLError and socket.gaierror are OSErrors too.
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            # verify_message is set by OpenSSL's handshake, not by the constructor.
-            why = getattr(exc, "verify_message", None) or exc
-            return FailureKind.TLS, f"TLS certificate of {where} not accepted: {why}"
-        if isinstance(exc, ssl.SSLError):
-            return FailureKind.TLS, (
-                f"TLS handshake with {where} failed ({getattr(exc, 'reason', None) or exc}):"
-                " does it speak TLS on that port (https://)?"
-            )
-        if isinstance(exc, ConnectionRefusedError):
-            return FailureKind.REFUSED, (
-                f"connection refused by {where} ({type(exc).__name__}):"
-                " is the app running and listening there?"
-            )
-        if isinstance(exc, socket.gaierror):
-            return FailureKind.DNS, f"host {self.origin.host!r} does not resolve ({exc.strerror})"
-        if isinstance(exc, ConnectionError):
-            return FailureKind.CLOSED, f"connection to {where} lost ({describe_exception(exc)})"
-        if isinstance(exc, TimeoutError):
-            return FailureKind.TIMEOUT, f"timed out talking to {where} ({describe_exception(exc)})"
-        if isinstance(exc, h11.ProtocolError):
-            return FailureKind.PROTOCOL, f"the app's HTTP/1.1 response is malformed: {exc}"
-        return FailureKind.NETWORK, f"network error with {where} ({describe_exception(exc)})"
+        return classify(exc, self.origin)
