@@ -20,6 +20,8 @@ import h11
 from ssefan.config import Config, CorsConfig, ListenConfig, RouteConfig, StartConfig, UpstreamConfig
 from ssefan.core.sse import Event, encode
 from ssefan.edge.protocol import HTTPConnection
+from ssefan.http.flow import READ_WINDOW
+from ssefan.http.responses import response_head
 from ssefan.ops.app import App, new_event_loop
 
 __all__ = ["Ticker", "demo_config", "run_demo"]
@@ -55,29 +57,32 @@ class Ticker:
         return int((time.time() - self.started) / self.interval)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # h11 reads the request, as everywhere else in ssefan: a head over one
+        # read window, or a connection closed before a whole head, gets no answer.
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=READ_WINDOW)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            request = await _read_request(conn, reader)
+        except (h11.RemoteProtocolError, ConnectionError):
+            request = None
+        if request is None:
             writer.close()
             return
-        lines = head.decode("latin-1").split("\r\n")
         last = next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in lines
-                if ln.lower().startswith("last-event-id:")
-            ),
-            "",
+            (v.decode("latin-1").strip() for n, v in request.headers if n == b"last-event-id"), ""
         )
         n = int(last) + 1 if last.isdigit() else self.current()
-        writer.write(
-            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-            b"cache-control: no-cache\r\nconnection: close\r\n\r\n"
-        )
+        headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache"),
+            (b"connection", b"close"),
+        ]
         try:
+            writer.write(conn.send(response_head(200, headers)))
             while True:
                 payload = json.dumps({"n": n, "at": time.strftime("%H:%M:%S")})
-                writer.write(encode(Event(payload, event="tick", id=str(n))))
+                writer.write(
+                    conn.send(h11.Data(data=encode(Event(payload, event="tick", id=str(n)))))
+                )
                 await writer.drain()
                 n += 1
                 await asyncio.sleep(self.interval)
@@ -88,6 +93,17 @@ class Ticker:
             return
         finally:
             writer.close()
+
+
+async def _read_request(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
+    """The request's head, or None if the connection ended before one."""
+    while True:
+        event = conn.next_event()
+        if isinstance(event, h11.Request):
+            return event
+        if event is not h11.NEED_DATA:
+            return None
+        conn.receive_data(await reader.read(READ_WINDOW))
 
 
 def demo_config(host: str, port: int, ticker_port: int) -> Config:

@@ -26,6 +26,11 @@ subscription per route) started with the variables described in worker.py.
   than summed (see metrics.merge for why).
 
 Linux only (SO_REUSEPORT balancing, memfd, SCM_CREDENTIALS), like systemd.
+
+Past 400 lines, knowingly: one process's supervision (spawn, reap, watchdog,
+notify, signals, reload, shutdown) over one shared list of workers. The
+metrics scrape is the HTTP client's (http/client.py); cutting the rest (the
+notify receiver first) is its own step of issue 11.
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 
+import h11
+
 from ssefan.config import Config, ConfigError, parse_config
+from ssefan.http.client import OriginProtocolError, connect_unix, fetch
 from ssefan.ops import logs, metrics, sockets
 from ssefan.ops import reload as reloading
 from ssefan.ops.admin import Admin
@@ -427,23 +435,21 @@ class Supervisor:
         return metrics.merge(per_worker, [info, restarts, reloads])
 
     async def _scrape(self, worker: _Worker) -> list[metrics.Family]:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        request = h11.Request(method="GET", target="/metrics.json", headers=[("host", "worker")])
         try:
             async with asyncio.timeout(SCRAPE_TIMEOUT):
-                await loop.sock_connect(sock, unix_address(self._admin_socket(worker)))
-                reader, writer = await asyncio.open_unix_connection(sock=sock)
-                writer.write(b"GET /metrics.json HTTP/1.1\r\nhost: worker\r\n\r\n")
-                response = await reader.read()
-                writer.close()
-            head, _, body = response.partition(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise ValueError(head[:40].decode("latin-1"))
-            return metrics.from_json(body)
-        except (OSError, TimeoutError, ValueError) as exc:
+                connection = await connect_unix(unix_address(self._admin_socket(worker)))
+                try:
+                    # No body limit: the answer is our own worker's, and only
+                    # as large as its routes and channels make it.
+                    reply = await fetch(connection, request)
+                finally:
+                    connection.close()
+            if reply.status != 200:
+                raise ValueError(f"HTTP/1.1 {reply.status} {reply.reason.decode('latin-1')}")
+            return metrics.from_json(reply.body)
+        except (OSError, TimeoutError, ValueError, OriginProtocolError) as exc:
             log.warning("metrics of worker %d unavailable: %r", worker.index, exc)
-            sock.close()
             return []
 
     # -- signals ------------------------------------------------------------------------
