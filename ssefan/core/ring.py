@@ -248,6 +248,18 @@ class Ring:
         """Take over `other`'s memory of evicted ids (a rebuilt ring)."""
         self._evicted.update(other._evicted)
 
+    def resized(self, *, max_events: int, max_bytes: int, max_age: float) -> Ring:
+        """A ring with other bounds holding this one's events and evicted-id
+        memory under the same seqs, so a cursor into this ring means the same
+        event in that one. What the new bounds can't hold is evicted as by
+        any append."""
+        ring = Ring(max_events=max_events, max_bytes=max_bytes, max_age=max_age)
+        ring.remember_evicted_of(self)
+        ring.first_seq = ring.next_seq = self.first_seq
+        for seq in range(self.first_seq, self.next_seq):
+            ring.append(self.id_at(seq), self.join(seq, seq + 1), self.time_at(seq))
+        return ring
+
     def id_at(self, seq: int) -> str:
         return self._ids[seq % self._slots]
 

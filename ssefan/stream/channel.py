@@ -1,34 +1,39 @@
-"""One route's fan-out: ring, subscribers, heartbeat and the slow-consumer policy.
+"""One route's fan-out, the asyncio shell: transports, timers, the write loop.
 
 The hot path (DESIGN.md): an upstream read becomes a batch of events, each is
-encoded once and appended to the ring, the batch is joined once and framed
-once, and the same bytes object is written to every live subscriber. A live
-subscriber's position is implicitly the ring head, so fan-out touches nothing
-per client but `transport.write`.
+encoded once and appended to the ring (core.fanout.Intake), the batch is
+joined once and framed once (core.framing), and the same bytes object is
+written to every live subscriber. A live subscriber's position is implicitly
+the ring head, so fan-out touches nothing per client but `transport.write`.
 
-A subscriber whose transport pushes back (`pause_writing`) leaves the live set
-and keeps only a cursor into the ring; on `resume_writing` it catches up from
-the ring in bounded slices and rejoins the live set when it reaches the head.
-If it falls off the ring's tail or too far behind, it is cut off and resumes by
-reconnecting with Last-Event-ID.
+Who is live, lagging or waiting, where a new client starts, catch-up from the
+ring and when a client is cut off are core.cursors' rules, without I/O. This
+module gives them what they act on: subscribers (stream.subscriber: a
+transport each, its flow-control marks, a reset when cut off), the timers
+(heartbeat, linger, the upstream's backlog), the source's start and stop, the
+one place a stream ends (stream accounting, logs) and the counters.
+
+It stays one module of some 540 lines because what is left is the state of
+one object: its timers, its source's running flag, the ring it shares with
+the intake and the cursors, and the counters. Most methods move several of
+these at once (a reload touches the ring, the timers, the source and the
+clients; a stream's end touches the cursors, the budget, the linger timer
+and the source), so parts split off by method would each reach into the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
-import json
 import logging
 import os
-import socket
-import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from ssefan.config import RouteConfig
+from ssefan.core.cursors import GAP_EVENT, Backlog, Cursors, DisconnectReason
 from ssefan.core.fanout import Intake
+from ssefan.core.framing import TERMINAL_CHUNK, chunk
 from ssefan.core.refusal import RefusalReason
 from ssefan.core.ring import Ring
 from ssefan.core.sse import (
@@ -40,59 +45,19 @@ from ssefan.core.sse import (
     encode_retry,
     resumable_id,
 )
+from ssefan.stream.subscriber import CATCH_UP_SLICE_BYTES, Subscriber
 
 __all__ = [
-    "GAP_EVENT",
+    "GAP_EVENT",  # core.cursors', named here too for the channel's users
     "Channel",
     "ChannelStats",
-    "DisconnectReason",
+    "DisconnectReason",  # likewise
     "Source",
-    "Subscriber",
+    "StreamBudget",
+    "Subscriber",  # stream.subscriber's, likewise
 ]
 
 log = logging.getLogger("ssefan.channel")
-
-# The named event a client receives when its Last-Event-ID can't be resumed
-# exactly (unknown or already evicted). Browsers see events, not headers.
-GAP_EVENT = "ssefan-gap"
-
-# Per-client transport buffer before `pause_writing`. 64 KiB is asyncio's own
-# default; with 10 000 clients that still bounds user-space buffers to ~640 MiB
-# in the worst case where every client stops reading at once.
-WRITE_HIGH_WATER = 64 * 1024
-WRITE_LOW_WATER = 16 * 1024
-# A catch-up write (replay or recovery after backpressure) carries at most one
-# high-water mark's worth; the mark then decides whether to go on at once. So
-# what one client has buffered stays within about twice the mark.
-CATCH_UP_SLICE_BYTES = WRITE_HIGH_WATER
-
-_TERMINAL_CHUNK = b"0\r\n\r\n"
-
-# After an upstream (re)connect that sent a Last-Event-ID, the app may first
-# send the backlog since that id: events published before a new client came.
-# A client without a resume position (`start: live`) that connects while the
-# upstream is down or catching up waits until the backlog has passed, so it
-# starts at the first event after it (see Channel.upstream_connected). The
-# backlog counts as passed once the upstream has been quiet this long after a
-# read (a backlog arrives in back-to-back reads)...
-CATCH_UP_QUIET = 0.05
-# ...or this long after the response began with no read at all (an app that
-# had nothing to replay, or takes a moment to start)...
-CATCH_UP_FIRST_READ = 0.25
-# ...and at the latest this long after the response began (an app that
-# streams fast enough never goes quiet).
-CATCH_UP_MAX = 1.0
-
-
-class DisconnectReason(enum.StrEnum):
-    CLIENT_CLOSED = "client_closed"
-    SLOW = "slow"  # unsent data passed max_client_lag_bytes
-    EVICTED = "evicted"  # its cursor fell off the ring's tail
-    UPSTREAM_STOPPED = "upstream_stopped"  # the app answered 204
-    DRAIN = "drain"  # shutdown or route removed
-    REVOKED = "revoked"  # forward-auth no longer admits its credential
-    LIMIT = "limit"  # refused at connect: the route's or the global max_clients
-    ERROR = "error"
 
 
 class Source(Protocol):
@@ -160,43 +125,6 @@ class ChannelStats:
         self.replay_gaps = 0  # id was held once but has been evicted
 
 
-class Subscriber:
-    """A client stream: a transport plus a cursor into the ring."""
-
-    __slots__ = ("chunked", "closed", "cursor", "on_close", "paused", "transport")
-
-    def __init__(
-        self,
-        transport: asyncio.WriteTransport,
-        *,
-        chunked: bool,
-        on_close: Callable[[DisconnectReason], None] | None = None,
-    ) -> None:
-        self.transport = transport
-        self.chunked = chunked  # HTTP/1.1 chunked framing, else close-delimited
-        self.cursor = 0  # seq of the next event it needs (meaningful when not live)
-        self.paused = False
-        self.closed = False
-        self.on_close = on_close
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-
-    def send(self, payload: bytes) -> None:
-        """Write bytes framed for this client (not the shared fan-out path)."""
-        if self.chunked:
-            payload = b"%x\r\n%b\r\n" % (len(payload), payload)
-        self.transport.write(payload)
-
-
-def _reset_on_close(transport: asyncio.BaseTransport) -> None:
-    # abort() drops our buffer, but the kernel would still try to deliver what
-    # its send buffer holds (MiBs for a stuck socket on Linux) before closing.
-    # SO_LINGER with a zero timeout makes close() send RST and free it now.
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 class Channel:
     """The shared state of one route."""
 
@@ -223,16 +151,24 @@ class Channel:
         # True once close() ran (shutdown, or the route was removed by a reload).
         self.closed = False
         self.last_event_at = clock()
-        # Live subscribers, split by framing so the fan-out loop does no branching.
-        self._live_chunked: dict[Subscriber, Callable[[bytes], object]] = {}
-        self._live_raw: dict[Subscriber, Callable[[bytes], object]] = {}
-        self._lagging: set[Subscriber] = set()
-        # New `start: live` clients waiting for the upstream to stream and be
-        # past its catch-up backlog; they hold no cursor yet.
-        self._pending: set[Subscriber] = set()
+        self.cursors: Cursors[Subscriber] = Cursors(
+            self.ring,
+            max_lag_bytes=route.max_client_lag_bytes,
+            slice_bytes=CATCH_UP_SLICE_BYTES,
+            tally=self.stats,
+            cut=self._cut,
+        )
+        # The cursors' live sets (split by framing so the fan-out loop does no
+        # branching) and lagging set: the same objects, held here so that the
+        # fan-out reads them without another attribute lookup.
+        self._live_chunked = self.cursors.live_chunked
+        self._live_raw = self.cursors.live_raw
+        self._lagging = self.cursors.lagging
+        # Whether the upstream streams; while its backlog since a resumed id
+        # is still arriving, `_catch_up_handle` is armed (core.cursors.Backlog).
         self._streaming = False
+        self._backlog = Backlog()
         self._catch_up_handle: asyncio.TimerHandle | None = None
-        self._catch_up_deadline = 0.0
         self._warned_reuse = False
         self._heartbeat_handle: asyncio.TimerHandle | None = None
         self._linger_handle: asyncio.TimerHandle | None = None
@@ -279,7 +215,7 @@ class Channel:
                 sub.send(encode_retry(retry))
             if sub.chunked:
                 # A terminal chunk lets the client see a clean end of body.
-                sub.transport.write(_TERMINAL_CHUNK)
+                sub.transport.write(TERMINAL_CHUNK)
         self._drop(sub, reason, abort=sub.paused)
 
     def reconfigure(self, route: RouteConfig, source: Source | None = None) -> None:
@@ -298,6 +234,7 @@ class Channel:
             if was_running:
                 self._start_source()
         self.route = route
+        self.cursors.max_lag_bytes = route.max_client_lag_bytes
         if (route.buffer, route.buffer_bytes, route.buffer_age) != (
             old.buffer,
             old.buffer_bytes,
@@ -320,16 +257,13 @@ class Channel:
             self._linger_handle = self.loop.call_later(route.linger, self._linger_expired)
 
     def _rebuild_ring(self) -> None:
-        old, route = self.ring, self.route
-        ring = Ring(max_events=route.buffer, max_bytes=route.buffer_bytes, max_age=route.buffer_age)
-        ring.remember_evicted_of(old)
+        route = self.route
         # Same numbering: a lagging client's cursor means the same event after.
-        ring.first_seq = ring.next_seq = old.first_seq
-        for seq in range(old.first_seq, old.next_seq):
-            ring.append(old.id_at(seq), old.join(seq, seq + 1), old.time_at(seq))
+        ring = self.ring.resized(
+            max_events=route.buffer, max_bytes=route.buffer_bytes, max_age=route.buffer_age
+        )
         self.ring = self.intake.ring = ring
-        if self._lagging:
-            self._police_laggards()  # a smaller ring may have dropped their place
+        self.cursors.resized(ring)
 
     def _start_source(self) -> None:
         if self.source is not None and not self._source_running:
@@ -369,15 +303,10 @@ class Channel:
 
     @property
     def client_count(self) -> int:
-        return (
-            len(self._live_chunked) + len(self._live_raw) + len(self._lagging) + len(self._pending)
-        )
+        return len(self.cursors)
 
     def subscribers(self) -> Iterable[Subscriber]:
-        yield from self._live_chunked
-        yield from self._live_raw
-        yield from self._lagging
-        yield from self._pending
+        return iter(self.cursors)
 
     # -- upstream side --------------------------------------------------------
 
@@ -388,15 +317,15 @@ class Channel:
         dropped as replays until the first one that is new (see publish). And
         if the request carried a Last-Event-ID, the app may first send the
         backlog since it: new live clients waiting meanwhile join once it has
-        passed (CATCH_UP_*), not at its start.
+        passed (core.cursors.Backlog), not at its start.
         """
         self.intake.reconnected()
         self._warned_reuse = False
         self._streaming = True
         self._cancel_catch_up()
         if resumable_id(self.upstream_last_id):
-            self._catch_up_deadline = self.clock() + CATCH_UP_MAX
-            self._catch_up_handle = self.loop.call_later(CATCH_UP_FIRST_READ, self._caught_up)
+            delay = self._backlog.began(self.clock())
+            self._catch_up_handle = self.loop.call_later(delay, self._caught_up)
         else:
             self._caught_up()
 
@@ -413,12 +342,7 @@ class Channel:
     def _caught_up(self) -> None:
         """The upstream is live: waiting new clients start at the ring's head."""
         self._catch_up_handle = None
-        pending, self._pending = self._pending, set()
-        head = self.ring.next_seq
-        for sub in pending:
-            sub.cursor = head
-            self._lagging.add(sub)
-            self._catch_up(sub)
+        self.cursors.backlog_passed()
 
     def _joins_at_head_now(self) -> bool:
         """Whether a new live client can start at the ring's head right away."""
@@ -448,13 +372,12 @@ class Channel:
         self.last_event_at = now
         self._fan_out(batch[0] if len(batch) == 1 else b"".join(batch), len(batch))
         if self._lagging:
-            self._police_laggards()
+            self.cursors.cut_laggards()
         handle = self._catch_up_handle
         if handle is not None:
             # Still in the backlog: it has passed once the reads pause.
             handle.cancel()
-            delay = min(CATCH_UP_QUIET, max(0.0, self._catch_up_deadline - now))
-            self._catch_up_handle = self.loop.call_later(delay, self._caught_up)
+            self._catch_up_handle = self.loop.call_later(self._backlog.read(now), self._caught_up)
 
     def _reused_id(self, upstream_id: str, event_id: str) -> None:
         """Count an upstream id that named a second event (delivered as `event_id`)."""
@@ -491,7 +414,7 @@ class Channel:
         # that subscriber out of the live set.
         n = 0
         if self._live_chunked:
-            framed = b"%x\r\n%b\r\n" % (len(payload), payload)
+            framed = chunk(payload)
             writers = list(self._live_chunked.values())
             for write in writers:
                 write(framed)
@@ -504,14 +427,6 @@ class Channel:
             n += len(writers)
             self.stats.bytes_out += len(payload) * len(writers)
         self.stats.events_delivered += events * n
-
-    def _police_laggards(self) -> None:
-        ring, limit = self.ring, self.route.max_client_lag_bytes
-        for sub in list(self._lagging):
-            if sub.cursor < ring.first_seq:
-                self._drop(sub, DisconnectReason.EVICTED, abort=True)
-            elif ring.bytes_from(sub.cursor) + sub.transport.get_write_buffer_size() > limit:
-                self._drop(sub, DisconnectReason.SLOW, abort=True)
 
     # -- client side ----------------------------------------------------------
 
@@ -535,58 +450,17 @@ class Channel:
             self._linger_handle = None
         if self.route.mode == "lazy":
             self._start_source()
-        ring = self.ring
-        ring.expire(self.clock())
-        if not last_event_id and self.route.start.kind == "live" and not self._joins_at_head_now():
-            # No events yet that are surely after this connect: wait for them.
-            self._pending.add(sub)
-            return
-        if last_event_id:
-            seq = ring.seq_of(last_event_id)
-            if seq is not None:
-                self.stats.replay_hits += 1
-                sub.cursor = seq + 1
-            else:
-                sub.cursor = self._announce_gap(sub, last_event_id)
-        else:
-            sub.cursor = self._start_position()
-        self._lagging.add(sub)
-        self._catch_up(sub)
-
-    def _start_position(self) -> int:
-        start, ring = self.route.start, self.ring
-        if start.kind == "events":
-            return max(ring.first_seq, ring.next_seq - start.count)
-        if start.kind == "age":
-            return ring.seq_since(self.clock() - start.age)
-        return ring.next_seq
-
-    def _announce_gap(self, sub: Subscriber, last_event_id: str) -> int:
-        ring = self.ring
-        evicted = ring.was_evicted(last_event_id)
-        if evicted:
-            self.stats.replay_gaps += 1
-        else:
-            self.stats.replay_misses += 1
-        policy = self.route.on_gap
-        payload = json.dumps(
-            {
-                "reason": "evicted" if evicted else "unknown",
-                "last_event_id": last_event_id,
-                "oldest_id": ring.oldest_id,
-                "policy": policy,
-            },
-            separators=(",", ":"),
+        now = self.clock()
+        self.ring.expire(now)
+        route = self.route
+        self.cursors.join(
+            sub,
+            last_event_id,
+            start=route.start,
+            on_gap=route.on_gap,
+            at_head=self._joins_at_head_now(),
+            now=now,
         )
-        # The gap event repeats the client's own id so it does not move the
-        # client's resume point: a reconnect before the next event gets the
-        # same answer again. An id that can't be re-encoded is left out.
-        try:
-            gap = encode(Event(payload, event=GAP_EVENT, id=last_event_id))
-        except ValueError:
-            gap = encode(Event(payload, event=GAP_EVENT))
-        sub.send(gap)
-        return ring.first_seq if policy == "replay" else ring.next_seq
 
     def unsubscribe(self, sub: Subscriber) -> None:
         """The client went away (connection lost)."""
@@ -595,38 +469,15 @@ class Channel:
 
     def pause(self, sub: Subscriber) -> None:
         """The client's transport buffer passed its high-water mark."""
-        if sub.paused or sub.closed:
-            return
-        sub.paused = True
-        live = self._live_chunked if sub.chunked else self._live_raw
-        if sub in live:
-            del live[sub]
-            sub.cursor = self.ring.next_seq  # it was sent everything up to the head
-            self._lagging.add(sub)
+        self.cursors.pause(sub)
 
     def resume(self, sub: Subscriber) -> None:
-        if sub.closed or not sub.paused:
-            return
-        sub.paused = False
-        if sub not in self._pending:  # a waiting client has no cursor yet
-            self._catch_up(sub)
+        """The client's transport buffer drained to its low-water mark."""
+        self.cursors.resume(sub)
 
-    def _catch_up(self, sub: Subscriber) -> None:
-        ring = self.ring
-        while not sub.paused and not sub.closed:
-            if sub.cursor < ring.first_seq:
-                self._drop(sub, DisconnectReason.EVICTED, abort=True)
-                return
-            if sub.cursor >= ring.next_seq:
-                self._lagging.discard(sub)
-                live = self._live_chunked if sub.chunked else self._live_raw
-                live[sub] = sub.transport.write
-                return
-            payload, stop = ring.take(sub.cursor, CATCH_UP_SLICE_BYTES)
-            self.stats.events_delivered += stop - sub.cursor
-            self.stats.bytes_out += len(payload)
-            sub.cursor = stop
-            sub.send(payload)
+    def _cut(self, sub: Subscriber, reason: DisconnectReason) -> None:
+        """Cut a client off (core.cursors' verdict): its connection is reset."""
+        self._drop(sub, reason, abort=True)
 
     def _drop(
         self, sub: Subscriber, reason: DisconnectReason, *, abort: bool, close: bool = True
@@ -635,10 +486,7 @@ class Channel:
             return
         sub.closed = True
         self.budget.open -= 1
-        self._live_chunked.pop(sub, None)
-        self._live_raw.pop(sub, None)
-        self._lagging.discard(sub)
-        self._pending.discard(sub)
+        self.cursors.remove(sub)
         self.stats.disconnects[reason] += 1
         if reason in (DisconnectReason.SLOW, DisconnectReason.EVICTED):
             why = (
@@ -655,8 +503,7 @@ class Channel:
             )
         if close:
             if abort:
-                _reset_on_close(sub.transport)
-                sub.transport.abort()  # a stuck client would never flush a graceful close
+                sub.reset()
             else:
                 sub.transport.close()
         if sub.on_close is not None:
@@ -695,9 +542,10 @@ class Channel:
             payload = encode(Event("", event=self.route.heartbeat_event, id=self.ring.newest_id))
         self.stats.heartbeats += 1
         self._fan_out(payload, 0)
-        if self._pending:  # waiting clients' proxies must not time out either
+        waiting = self.cursors.waiting
+        if waiting:  # waiting clients' proxies must not time out either
             comment = encode_comment("")
-            for sub in self._pending:
+            for sub in waiting:
                 if not sub.paused:
                     sub.send(comment)
         self.last_event_at = now
