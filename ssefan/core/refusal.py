@@ -30,7 +30,7 @@ REFUSAL_EVENT = "ssefan-retry"
 
 class RefusalReason(enum.StrEnum):
     # The process is draining: the next instance takes the reconnect. The
-    # drain's own stream endings use this range too (ops.app.DRAIN_RETRY_MS).
+    # drain's own stream endings use this range too (ops.drain.DRAIN_RETRY_MS).
     SHUTTING_DOWN = "shutting_down"
     # max_clients (the route's or the global one) is reached. Slots free as
     # clients leave; 2-8 s spreads a crowd over several seconds of churn.

@@ -1,9 +1,10 @@
 """Wiring and lifecycle: channels, upstreams and the listener for one Config.
 
-`App` is one running ssefan (start, reload, drain, stop); `run()` is the process
-around it: signals (HUP reloads, TERM/INT drain), sd_notify (READY, STATUS,
-WATCHDOG, RELOADING, STOPPING), socket activation and the admin listener.
-`serve()` hands `workers: N > 1` to the supervisor.
+`App` is one running ssefan (start, reload, drain, stop). `run()` starts one on
+the socket it is given (socket activation, a worker's) or binds its own, and
+runs ops.process.Process around it: signals, sd_notify, the admin listener.
+The drain's algorithm is ops.drain. `serve()` hands `workers: N > 1` to the
+supervisor.
 """
 
 from __future__ import annotations
@@ -11,58 +12,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
-import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 from ssefan import __version__
-from ssefan.config import Config, ConfigError, RouteConfig, load_config
-from ssefan.core.refusal import RefusalReason
+from ssefan.config import Config, RouteConfig
+from ssefan.core.cursors import DisconnectReason
 from ssefan.edge.auth import ForwardAuth, forward_auth, forward_auths, unused_pools
 from ssefan.edge.proxy import Proxy
 from ssefan.edge.server import Server
 from ssefan.http.pool import ConnectionPool, Origin
-from ssefan.ops import logs, metrics
+from ssefan.ops import metrics
 from ssefan.ops import reload as reloading
-from ssefan.ops.admin import Admin
-from ssefan.ops.notify import Notifier, watchdog_interval
+from ssefan.ops.drain import drain_streams, end_spread
+from ssefan.ops.process import Process
 from ssefan.ops.sockets import LISTEN_BACKLOG, http_url, listen_error, systemd_listener
 from ssefan.ops.worker import WorkerEnv
-from ssefan.stream.channel import Channel, DisconnectReason, StreamBudget, Subscriber
+from ssefan.stream.channel import Channel, StreamBudget
 from ssefan.stream.upstream import Upstream, UpstreamState
 
-__all__ = ["App", "run", "serve"]
+__all__ = ["App", "new_event_loop", "run", "serve"]
 
 log = logging.getLogger("ssefan")
 
 # How long shutdown waits for upstream tasks to notice cancellation.
 STOP_TIMEOUT = 5.0
-# Drain: streams are ended in random order, spread evenly over drain_window,
-# but at least this many per second. A few hundred reconnects a second are
-# nothing for the next instance, and a handful of clients should not hold a
-# restart for the whole window.
-MIN_DRAIN_RATE = 200.0
-# How often the drain ends its next batch: 50 batches a second look continuous
-# to the instance receiving the reconnects.
-DRAIN_TICK = 0.02
-# The `retry:` (ms) each drained stream gets before it ends: a random wait in
-# this range before the browser reconnects, so the closes' spread is not undone
-# by everyone reconnecting at once. Up to 3 s, browsers' own default order, since
-# EventSource keeps the value for later reconnects too.
-DRAIN_RETRY_MS = RefusalReason.SHUTTING_DOWN.retry_range_ms
 # A reload that changes a route's forward-auth ends the route's streams (they
 # were admitted under other rules) over at most this long, each with a
 # jittered `retry:` as in a drain, so they come back through the new auth
 # spread out rather than all asking it at once.
 AUTH_RELOAD_WINDOW = 2.0
-# Part of shutdown_timeout the drain may use; the rest is for stopping
-# upstreams and flushing the last writes before the deadline.
-DRAIN_SHARE_OF_DEADLINE = 0.8
-# STATUS= to systemd (and the supervisor) is refreshed this often.
-STATUS_INTERVAL = 5.0
 
 
 class App:
@@ -250,7 +231,7 @@ class App:
                 AUTH_RELOAD_WINDOW,
             )
             task = asyncio.get_running_loop().create_task(
-                self._end_spread(streams, AUTH_RELOAD_WINDOW)
+                end_spread(streams, AUTH_RELOAD_WINDOW, self._rng)
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -338,71 +319,7 @@ class App:
             idle = [c for c in list(server.connections) if c.close_if_idle()]
             if idle:
                 log.info("closed %d idle keep-alive connections", len(idle))
-
-        def opened() -> int:
-            # Streams ever opened: moves in the same event-loop step as the subscribe.
-            return sum(channel.stats.connects for channel in self.channels.values())
-
-        seen = opened()
-
-        def current() -> list[tuple[Channel, Subscriber]]:
-            return [(c, sub) for c in self.channels.values() for sub in c.subscribers()]
-
-        def more() -> list[tuple[Channel, Subscriber]] | None:
-            # Everything is looked at again only when a stream opened since.
-            nonlocal seen
-            if opened() == seen:
-                return None
-            seen = opened()
-            return current()
-
-        streams = current()
-        if streams:
-            spread = min(window, len(streams) / MIN_DRAIN_RATE)
-            log.info("draining %d streams over %.2fs", len(streams), spread)
-        return await self._end_spread(streams, window, hurry, more)
-
-    async def _end_spread(
-        self,
-        streams: Sequence[tuple[Channel, Subscriber]],
-        window: float,
-        hurry: asyncio.Event | None = None,
-        more: Callable[[], list[tuple[Channel, Subscriber]] | None] | None = None,
-    ) -> int:
-        """End `streams` in random order at an even rate over at most `window`
-        seconds (at least MIN_DRAIN_RATE a second), each with a jittered
-        `retry:`. `more()`, asked every tick, returns every stream again when
-        new ones may have opened (None when not): what is left is spread over
-        what is left of the window. Returns the number of streams ended."""
-        loop = asyncio.get_running_loop()
-        pending = list(streams)
-        self._rng.shuffle(pending)
-        start = last = loop.time()
-        end_at = start + min(window, len(pending) / MIN_DRAIN_RATE)
-        ended = 0
-        while True:
-            refreshed = more() if more is not None else None
-            if refreshed is not None:
-                pending = refreshed
-                self._rng.shuffle(pending)
-            if not pending:
-                return ended
-            now = loop.time()
-            if (hurry is not None and hurry.is_set()) or now >= end_at:
-                due = len(pending)
-            else:
-                due = math.ceil(len(pending) * (now - last) / (end_at - last))
-            last = now
-            cut = len(pending) - due
-            batch, pending = pending[cut:], pending[:cut]
-            for channel, sub in batch:
-                if not sub.closed:  # the client may have left meanwhile
-                    channel.end_stream(
-                        sub, DisconnectReason.DRAIN, retry=self._rng.randint(*DRAIN_RETRY_MS)
-                    )
-                    ended += 1
-            if pending:
-                await _sleep_or(DRAIN_TICK, hurry)
+        return await drain_streams(self.channels, window, self._rng, hurry)
 
     async def stop(self, grace: float = STOP_TIMEOUT) -> None:
         """End every stream now, stop the upstreams (waiting up to `grace`
@@ -444,161 +361,7 @@ async def run(
     await app.start(sock, announce=worker is None)
     if setup is not None:
         await setup(app)
-    return await _Process(app, worker).run()
-
-
-class _Process:
-    """The process around one App: signals, sd_notify, the admin listener,
-    reload and the drain at the end."""
-
-    def __init__(self, app: App, worker: WorkerEnv | None) -> None:
-        self.app = app
-        self.worker = worker
-        self.notifier = Notifier.from_env()
-        self.admin: Admin | None = None
-        self.stopping = asyncio.Event()  # TERM/INT (or the supervisor gone)
-        self.hurry = asyncio.Event()  # a second SIGINT: end the drain at once
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._ready: asyncio.Task[None] | None = None
-
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        await self._start_admin()
-        signals = {
-            signal.SIGTERM: self._terminate,
-            signal.SIGINT: self._interrupt,
-            signal.SIGHUP: self._reload,
-        }
-        for sig, handler in signals.items():
-            loop.add_signal_handler(sig, handler)
-        if self.worker is not None:
-            # ssefan's own field, for the supervisor only: it logs the
-            # "listening on" line once every worker accepts, and from now on
-            # this worker handles SIGHUP (before, it would have killed it).
-            self.notifier.send(LISTENING=1)
-            loop.add_reader(self.worker.parent_fd, self._supervisor_gone)
-        interval = watchdog_interval()
-        if interval is not None:
-            self.notifier.watchdog()
-            self._every("watchdog", interval, self.notifier.watchdog)
-        self._every("status", STATUS_INTERVAL, lambda: self.notifier.status(self.app.status_line()))
-        self._ready = loop.create_task(self._announce_ready(), name="ready")
-        try:
-            await self.stopping.wait()
-        finally:
-            if self.worker is not None:
-                loop.remove_reader(self.worker.parent_fd)
-            self._ready.cancel()
-            await self._shutdown()  # signals still handled: a second SIGINT hurries it
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-            for timer in self._timers.values():
-                timer.cancel()
-            self.notifier.close()
-        return 0
-
-    def _every(self, name: str, interval: float, tick: Callable[[], object]) -> None:
-        """Call `tick` every `interval` seconds from the event loop itself (a
-        timer, not a thread): a stuck loop stops the watchdog pings, which is
-        the point of them."""
-        loop = asyncio.get_running_loop()
-
-        def fire() -> None:
-            tick()
-            self._timers[name] = loop.call_later(interval, fire)
-
-        self._timers[name] = loop.call_later(interval, fire)
-
-    async def _start_admin(self) -> None:
-        if self.worker is not None:
-            sock = self.worker.admin_listener()
-            if sock is not None:
-                self.admin = Admin(self.app)
-                await self.admin.start_unix(sock)
-        elif self.app.config.admin is not None:
-            self.admin = Admin(self.app)
-            listen = self.app.config.admin.listen
-            await self.admin.start_tcp(listen.host, listen.port)
-
-    async def _announce_ready(self) -> None:
-        timeout = self.app.config.ready_timeout
-        if not await self.app.wait_ready(timeout):
-            why = "; ".join(self.app.readiness())
-            if self.notifier.enabled and self.worker is None:
-                log.warning(
-                    "not ready after %gs (%s): reporting ready anyway so the service starts",
-                    timeout,
-                    why,
-                )
-            else:
-                # Without systemd nobody waits for READY=1; a worker's supervisor
-                # says it for all of them. The upstream failures are logged already.
-                log.debug("not ready after %gs (%s)", timeout, why)
-        self.notifier.ready(self.app.status_line())
-
-    # -- signals --------------------------------------------------------------------
-
-    def _terminate(self) -> None:
-        if not self.stopping.is_set():
-            log.info("SIGTERM: shutting down")
-            self.stopping.set()
-
-    def _interrupt(self) -> None:
-        if self.stopping.is_set():
-            log.info("second SIGINT: ending the drain now")
-            self.hurry.set()
-        else:
-            log.info("SIGINT: shutting down (again to skip the drain)")
-            self.stopping.set()
-
-    def _supervisor_gone(self) -> None:
-        assert self.worker is not None
-        asyncio.get_running_loop().remove_reader(self.worker.parent_fd)
-        if not self.stopping.is_set():
-            log.warning("the supervisor is gone: shutting down")
-            self.stopping.set()
-
-    def _reload(self) -> None:
-        if self.stopping.is_set():
-            return
-        self.notifier.reloading()
-        source = self.app.config.source
-        try:
-            if self.worker is not None:
-                new = self.worker.load_config(source)
-            else:
-                new = load_config(source)
-        except ConfigError as err:
-            for problem in err.problems:
-                log.error("reload: %s", problem)
-            log.error(
-                "reload failed with %d problem(s): still running the previous config",
-                len(err.problems),
-            )
-            self.app.reloads["failed"] += 1
-        else:
-            logs.remember_secrets(new)
-            change = self.app.reload(new)
-            self.app.reloads["ok"] += 1
-            log.info("reloaded %s: %s", source, change.summary())
-        self.notifier.ready(self.app.status_line())
-
-    # -- shutdown -------------------------------------------------------------------
-
-    async def _shutdown(self) -> None:
-        config = self.app.config
-        self.notifier.stopping()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + config.shutdown_timeout
-        window = min(config.drain_window, config.shutdown_timeout * DRAIN_SHARE_OF_DEADLINE)
-        try:
-            async with asyncio.timeout_at(deadline):
-                await self.app.drain(window, self.hurry)
-        except TimeoutError:
-            log.warning("shutdown_timeout (%gs) passed during the drain", config.shutdown_timeout)
-        if self.admin is not None:
-            await self.admin.stop()
-        await self.app.stop(grace=max(0.0, deadline - loop.time()))
+    return await Process(app, worker).run()
 
 
 def _proxy_inputs(config: Config) -> tuple[object, ...]:
@@ -608,16 +371,6 @@ def _proxy_inputs(config: Config) -> tuple[object, ...]:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-async def _sleep_or(delay: float, event: asyncio.Event | None) -> None:
-    """Sleep `delay` seconds, or less if `event` is set meanwhile."""
-    if event is None:
-        await asyncio.sleep(delay)
-        return
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(delay):
-            await event.wait()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -34,7 +34,7 @@ from sse_upstream import FakeUpstream
 from ssefan_process import CommandProcess, SsefanProcess, fast_upstream, signal_proc, write_config
 from waits import wait_until
 
-from ssefan.ops.app import MIN_DRAIN_RATE
+from ssefan.ops.drain import MIN_DRAIN_RATE
 
 # Longest refusal `retry:` (max_clients and auth_unavailable: 2-8 s) plus the
 # time a reconnect takes: how long a refused EventSource may take to come back.

@@ -14,7 +14,7 @@ from sse_clients import AsyncSSEClient, refusal_of
 from sse_upstream import FakeUpstream
 from ssefan_process import SsefanProcess, route_config, signal_proc, write_config
 
-from ssefan.ops.app import DRAIN_RETRY_MS, MIN_DRAIN_RATE
+from ssefan.ops.drain import DRAIN_RETRY_MS, MIN_DRAIN_RATE
 
 
 async def open_clients(proc: SsefanProcess, n: int) -> list[AsyncSSEClient]:

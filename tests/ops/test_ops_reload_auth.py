@@ -23,7 +23,8 @@ from ssefan_process import (
     write_config,
 )
 
-from ssefan.ops.app import AUTH_RELOAD_WINDOW, DRAIN_RETRY_MS
+from ssefan.ops.app import AUTH_RELOAD_WINDOW
+from ssefan.ops.drain import DRAIN_RETRY_MS
 
 
 @pytest.fixture
