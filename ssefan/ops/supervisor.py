@@ -57,6 +57,7 @@ from ssefan.ops import logs, metrics, sockets
 from ssefan.ops import reload as reloading
 from ssefan.ops.admin import Admin
 from ssefan.ops.notify import Notifier, watchdog_interval
+from ssefan.ops.process import install_signal_handlers
 from ssefan.ops.worker import (
     ALL_VARIABLES,
     ENV_ADMIN_SOCKET,
@@ -154,13 +155,9 @@ class Supervisor:
             listen = self.config.listen
             self._reserved = sockets.reserve_port(listen.host, listen.port)
         loop.add_reader(self._notify.fileno(), self._on_notify)
-        signals = {
-            signal.SIGTERM: self._terminate,
-            signal.SIGINT: self._interrupt,
-            signal.SIGHUP: self._reload,
-        }
-        for sig, handler in signals.items():
-            loop.add_signal_handler(sig, handler)
+        remove_signal_handlers = install_signal_handlers(
+            terminate=self._terminate, interrupt=self._interrupt, reload=self._reload
+        )
         for worker in self.workers:
             await self._spawn(worker)
         self._spawn_task(self._start_up())
@@ -168,8 +165,7 @@ class Supervisor:
         try:
             await self.stopping.wait()
         finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
+            remove_signal_handlers()
             await self._shutdown()
             loop.remove_reader(self._notify.fileno())
             self._close()
