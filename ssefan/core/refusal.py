@@ -35,6 +35,8 @@ class RefusalReason(enum.StrEnum):
     # max_clients (the route's or the global one) is reached. Slots free as
     # clients leave; 2-8 s spreads a crowd over several seconds of churn.
     MAX_CLIENTS = "max_clients"
+    # A template route's new key past max_channels (route or global).
+    MAX_CHANNELS = "max_channels"
     # Forward-auth did not answer in time, failed, or is saturated.
     AUTH_UNAVAILABLE = "auth_unavailable"
     # A reload replaced the route (or its auth) while forward-auth decided:
@@ -54,6 +56,8 @@ class RefusalReason(enum.StrEnum):
 _RETRY_RANGE_MS: dict[RefusalReason, tuple[int, int]] = {
     RefusalReason.SHUTTING_DOWN: (1000, 3000),
     RefusalReason.MAX_CLIENTS: (2000, 8000),
+    # Channels free as keys' last clients leave plus linger: seconds, not ms.
+    RefusalReason.MAX_CHANNELS: (2000, 8000),
     RefusalReason.AUTH_UNAVAILABLE: (2000, 8000),
     RefusalReason.RECONFIGURED: (500, 1500),
 }

@@ -253,7 +253,9 @@ class Ring:
         memory under the same seqs, so a cursor into this ring means the same
         event in that one. What the new bounds can't hold is evicted as by
         any append."""
-        ring = Ring(max_events=max_events, max_bytes=max_bytes, max_age=max_age)
+        budget = self._budget
+        self.release()  # the new ring counts these bytes instead
+        ring = Ring(max_events=max_events, max_bytes=max_bytes, max_age=max_age, budget=budget)
         ring.remember_evicted_of(self)
         ring.first_seq = ring.next_seq = self.first_seq
         for seq in range(self.first_seq, self.next_seq):

@@ -135,27 +135,29 @@ class RouteTemplate:
                 return None
         return keys
 
-    def claims(self, path: str) -> bool:
+    def claims(self, path: str, *, fold: bool = False) -> bool:
         """Whether `path` (routing form) is this template's even with a refused key.
 
         True when the literal segments before the first placeholder and after
         the last match, however many segments lie between (`/jobs/a/b/progress`,
         from `a%2Fb`, too): such a request is answered 404, never passed
         through to the app, so no key that was refused reaches it another way.
+        `fold`: `path` is a variant form (paths.variant_path, case folded), and
+        the literals are compared case folded too.
         """
         if not path.startswith("/"):
             return False
         parts = path[1:].split("/") if path != "/" else []
-        segments = self.segments
-        first = next((i for i, s in enumerate(segments) if not isinstance(s, str)), None)
+        literals = [s.casefold() if fold and isinstance(s, str) else s for s in self.segments]
+        first = next((i for i, s in enumerate(literals) if not isinstance(s, str)), None)
         if first is None:  # placeholders in the query only: the path is all literal
-            return parts == list(segments)
-        last = max(i for i, s in enumerate(segments) if not isinstance(s, str))
-        suffix = len(segments) - last - 1
+            return parts == literals
+        last = max(i for i, s in enumerate(literals) if not isinstance(s, str))
+        suffix = len(literals) - last - 1
         return (
-            len(parts) >= len(segments)
-            and parts[:first] == list(segments[:first])
-            and parts[len(parts) - suffix :] == list(segments[last + 1 :])
+            len(parts) >= len(literals)
+            and parts[:first] == literals[:first]
+            and parts[len(parts) - suffix :] == literals[last + 1 :]
         )
 
     def channel_key(self, keys: Mapping[str, str]) -> ChannelKey:

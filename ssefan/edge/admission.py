@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
+from ssefan.config import RouteConfig
 from ssefan.core.refusal import RefusalReason, refusal_body
+from ssefan.core.template import ChannelKey
 from ssefan.edge import cors
 from ssefan.edge.auth import UNAVAILABLE, AuthDecision, Credential, ForwardAuth
 from ssefan.http.request_checks import CheckedRequest, TargetForm
 from ssefan.stream.channel import Channel
+from ssefan.stream.keyed import KeyedChannels
 
 if TYPE_CHECKING:
     from ssefan.edge.server import Server
@@ -104,12 +107,26 @@ class OpenStream:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyTarget:
+    """A template route's key: its channel is made when its first stream opens."""
+
+    family: KeyedChannels
+    key: ChannelKey
+
+
+# What a stream request is for: a static route's channel, or a template's key.
+Target = Channel | KeyTarget
+
+
+@dataclass(frozen=True, slots=True)
 class Authorize:
-    """Ask `auth` about `credential`; `stream` is what opens if it admits."""
+    """Ask `auth` about `credential`; if it admits, a stream of `target` opens."""
 
     auth: ForwardAuth
     credential: Credential
-    stream: OpenStream
+    target: Target
+    cors_headers: Headers
+    last_event_id: str | None
     peer: str  # for logs
 
 
@@ -126,19 +143,25 @@ Admission = Answer | OpenStream | Authorize | NotARoute
 def admit(server: Server, request: Incoming) -> Admission:
     """Decide what a checked request gets (see the module docstring)."""
     target = request.checked.target
-    # `*` is the server as a whole (RFC 9112 §3.2.4), never a route.
-    channel = server.route(target.path) if target.form is not TargetForm.ASTERISK else None
-    if channel is None:
+    if target.form is TargetForm.ASTERISK:
+        # `*` is the server as a whole (RFC 9112 §3.2.4), never a route.
         return _not_a_route(server, request)
+    stream: Target | None = server.route(target.path)
+    if stream is None:
+        keyed = server.template(target.path, target.query)
+        if keyed is None:
+            return _not_a_route(server, request)
+        stream = KeyTarget(*keyed)
+    route = _route_of(stream)
     method = request.method
     if method == b"OPTIONS":
-        return _preflight(server, channel, request)
+        return _preflight(server, route, request)
     if method in (b"GET", b"HEAD"):
-        return _stream(server, channel, request)
+        return _stream(server, stream, request)
     server.count_refusal(405)
     return Answer(
         405,
-        f"405 {method.decode('latin-1')} not allowed on {channel.route.path}: use GET\n".encode(),
+        f"405 {method.decode('latin-1')} not allowed on {route.path}: use GET\n".encode(),
         [(b"allow", cors.ALLOWED_METHODS)],
     )
 
@@ -151,29 +174,47 @@ def after_auth(
     Called in the event-loop step that then opens the stream, so the capacity
     re-check and the subscribe see the same state.
     """
-    stream = asked.stream
-    channel = stream.channel
-    path = channel.route.path
-    if server.channels.get(path) is not channel or server.auth.get(path) is not asked.auth:
+    target, cors_headers = asked.target, asked.cors_headers
+    path = _route_of(target).path
+    if not _in_force(server, target) or server.auth.get(path) is not asked.auth:
         # A reload removed or replaced the route, or its forward-auth, while
         # we waited: neither this decision nor this channel is in force any
         # more (a removed route's channel is closed). The retry meets the
         # new settings.
         log.info("peer=%s route=%s reconfigured during forward-auth", asked.peer, path)
-        return _refusal(server, channel, RefusalReason.RECONFIGURED, stream.cors_headers)
+        return _refusal(server, target, RefusalReason.RECONFIGURED, cors_headers)
     if decision is None or decision.status == UNAVAILABLE.status:
         # Unavailable is temporary (timeout, failure, saturation): a retry
         # the browser follows. 401/403 are final and passed on as they came.
-        return _refusal(server, channel, RefusalReason.AUTH_UNAVAILABLE, stream.cors_headers)
+        return _refusal(server, target, RefusalReason.AUTH_UNAVAILABLE, cors_headers)
     if not decision.admitted:
         server.count_refusal(decision.status)
         return Answer(
             decision.status,
             decision.body,
-            [*decision.headers, *stream.cors_headers],
+            [*decision.headers, *cors_headers],
             content_type=decision.content_type,
         )
-    return _capacity(server, channel, stream.cors_headers) or stream
+    return _capacity(server, target, cors_headers) or _open(
+        target, cors_headers, asked.last_event_id
+    )
+
+
+def _open(target: Target, cors_headers: Headers, resume: str | None) -> OpenStream:
+    """The stream, on its channel: a key's is made now if it has none (the
+    caller checked there is room), in the step that subscribes to it."""
+    channel = target if isinstance(target, Channel) else target.family.open(target.key)
+    return OpenStream(channel, cors_headers, resume)
+
+
+def _route_of(target: Target) -> RouteConfig:
+    return target.route if isinstance(target, Channel) else target.family.route
+
+
+def _in_force(server: Server, target: Target) -> bool:
+    if isinstance(target, Channel):
+        return server.channels.get(target.route.path) is target
+    return server.keyed.get(target.family.route.path) is target.family
 
 
 def last_event_id(request: Incoming) -> str | None:
@@ -197,6 +238,22 @@ def _not_a_route(server: Server, request: Incoming) -> Admission:
     if target.form is TargetForm.ASTERISK:
         # OPTIONS * asks what the server as a whole allows (RFC 9110 §9.3.7).
         return NotARoute(Answer(204, headers=[(b"allow", cors.ALLOWED_METHODS)], close=closing))
+    claimed = server.claimed_by(target.path)
+    if claimed is not None:
+        # A template's path with a key it refuses ("..", "%2F", NUL, too
+        # long, another case): never the app's to see.
+        server.count_refusal(404)
+        log.info(
+            "peer=%s refused (404): no valid key for route %s (key.pattern %s)",
+            request.peer,
+            claimed.route.path,
+            claimed.route.key.pattern,
+        )
+        return Answer(
+            404,
+            f"404 not found: not a valid key for {claimed.route.path}\n".encode(),
+            close=closing,
+        )
     protected = server.variant_of(target.path)
     if protected is not None:
         # An app that routes case-insensitively, or cuts the path at a NUL,
@@ -230,8 +287,8 @@ def _not_a_route(server: Server, request: Incoming) -> Admission:
     return NotARoute(Answer(404, f"404 no route for {target.path}\n".encode(), close=closing))
 
 
-def _preflight(server: Server, channel: Channel, request: Incoming) -> Answer:
-    route_cors = channel.route.cors
+def _preflight(server: Server, route: RouteConfig, request: Incoming) -> Answer:
+    route_cors = route.cors
     origin = request.header(b"origin")
     if route_cors is None or origin is None:
         return Answer(204, headers=[(b"allow", cors.ALLOWED_METHODS)])
@@ -242,8 +299,8 @@ def _preflight(server: Server, channel: Channel, request: Incoming) -> Answer:
     return Answer(204, headers=headers)
 
 
-def _stream(server: Server, channel: Channel, request: Incoming) -> Admission:
-    route = channel.route
+def _stream(server: Server, target: Target, request: Incoming) -> Admission:
+    route = _route_of(target)
     cors_headers = cors.response_headers(route.cors, request.header(b"origin"))
     if cors_headers is None:
         server.count_refusal(403)
@@ -259,40 +316,70 @@ def _stream(server: Server, channel: Channel, request: Incoming) -> Admission:
             route.path,
             route.path,
         )
-        return _refusal(server, channel, RefusalReason.AUTH_UNAVAILABLE, cors_headers)
-    refused = _capacity(server, channel, cors_headers)
+        return _refusal(server, target, RefusalReason.AUTH_UNAVAILABLE, cors_headers)
+    refused = _capacity(server, target, cors_headers)
     if refused is not None:
         return refused  # and no auth call for a stream that could not open anyway
-    stream = OpenStream(channel, cors_headers, last_event_id(request))
+    resume = last_event_id(request)
     if auth is None:
-        return stream
+        return _open(target, cors_headers, resume)
+    # Forward-auth is asked about the concrete path: a template's key is part
+    # of what it decides (and of its cache key), so /jobs/1 never admits /jobs/2.
+    path = route.path if isinstance(target, Channel) else target.family.path_of(target.key)
     credential = auth.credential(
         as_read(request),
-        route.path,
+        path,
         request.checked.target.query,
         peer_ip=request.peer_ip,
         scheme=request.scheme,
         volatile_params=LAST_EVENT_ID_PARAMS,
     )
-    return Authorize(auth, credential, stream, request.peer)
+    return Authorize(auth, credential, target, cors_headers, resume, request.peer)
 
 
-def _capacity(server: Server, channel: Channel, cors_headers: Headers) -> Answer | None:
-    """The answer if the route can't take a stream now, else None."""
-    if channel.stopped_by_upstream:
+def _capacity(server: Server, target: Target, cors_headers: Headers) -> Answer | None:
+    """The answer if the route (or key) can't take a stream now, else None."""
+    if isinstance(target, Channel):
+        channel: Channel | None = target
+    else:
+        family, key = target.family, target.key
+        gone = family.gone(key)
+        if gone is not None:
+            # The app said the key is unknown (404, 410) or stopped (204) a
+            # moment ago: told from memory, the app is not asked again.
+            return _gone(gone, family.route.path, cors_headers)
+        channel = family.live(key)
+    if channel is not None and channel.stopped_by_upstream:
         # The app said "stop" (204); pass it on so browsers stop reconnecting.
         return Answer(204, headers=cors_headers)
     if server.draining:
         # Shutting down: a stream opened now would only be cut; send the
         # client to the next instance after a short pause instead.
-        return _refusal(server, channel, RefusalReason.SHUTTING_DOWN, cors_headers)
-    if not channel.admits():
-        return _refusal(server, channel, RefusalReason.MAX_CLIENTS, cors_headers)
+        return _refusal(server, target, RefusalReason.SHUTTING_DOWN, cors_headers)
+    if channel is not None:
+        if not channel.admits():
+            return _refusal(server, target, RefusalReason.MAX_CLIENTS, cors_headers)
+        return None
+    assert isinstance(target, KeyTarget)
+    if not target.family.admits():
+        return _refusal(server, target, RefusalReason.MAX_CLIENTS, cors_headers)
+    if not target.family.has_room():
+        return _refusal(server, target, RefusalReason.MAX_CHANNELS, cors_headers)
     return None
 
 
+def _gone(status: int, route: str, cors_headers: Headers) -> Answer:
+    if status == 204:
+        return Answer(204, headers=cors_headers)
+    return Answer(
+        status,
+        f"{status} the app has no stream for this key of {route}\n".encode(),
+        cors_headers,
+    )
+
+
 def _refusal(
-    server: Server, channel: Channel, reason: RefusalReason, cors_headers: Headers
+    server: Server, target: Target, reason: RefusalReason, cors_headers: Headers
 ) -> Answer:
     """A stream refused for a temporary reason, so that the client retries.
 
@@ -301,8 +388,12 @@ def _refusal(
     SDKs a plain 503 with Retry-After. During a drain the connection closes
     after it, so nothing reuses it into this process.
     """
-    route = channel.route
-    channel.refused(reason)
+    if isinstance(target, Channel):
+        route = target.route
+        target.refused(reason)
+    else:
+        route = target.family.route
+        target.family.refused(reason)
     closing = server.draining
     if route.refuse == "status":
         server.count_refusal(503)

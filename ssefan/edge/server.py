@@ -20,10 +20,12 @@ import h11
 
 from ssefan.config import Config
 from ssefan.core.paths import routing_path, variant_path
+from ssefan.core.template import ChannelKey
 from ssefan.edge.auth import ForwardAuth
 from ssefan.edge.protocol import HTTPConnection
 from ssefan.http.request_checks import CheckedRequest
 from ssefan.stream.channel import Channel
+from ssefan.stream.keyed import KeyedChannels
 
 __all__ = ["HTTPConnection", "Server"]
 
@@ -47,6 +49,8 @@ class Server:
     pass_through: (
         Callable[[HTTPConnection, h11.Request, CheckedRequest], Coroutine[Any, Any, None]] | None
     ) = None
+    # Template routes' channels by route path (`/jobs/{job}/progress`).
+    keyed: dict[str, KeyedChannels] = field(default_factory=dict)
     # Forward-auth by route path.
     auth: dict[str, ForwardAuth] = field(default_factory=dict)
     # Set by App.drain(): the process is shutting down and new streams are refused.
@@ -77,6 +81,35 @@ class Server:
         self._refresh_forms()
         configured = self._routes_by_form.get(routing_path(path))
         return None if configured is None else self.channels.get(configured)
+
+    def template(self, path: str, query: str) -> tuple[KeyedChannels, ChannelKey] | None:
+        """The template route and key a request means, if any (path as sent)."""
+        if not self.keyed:
+            return None
+        form = routing_path(path)
+        for family in self.keyed.values():
+            key = family.match(form, query)
+            if key is not None:
+                return family, key
+        return None
+
+    def claimed_by(self, path: str) -> KeyedChannels | None:
+        """The template route whose path this is although its key was refused.
+
+        Such a request (`/jobs/../progress`, `/jobs/%00/progress`, an over-long
+        key) is answered 404 and never passed through: a key the template
+        refuses must not reach the app another way. With protect_variants,
+        the path's variant forms (case, invisible characters) are claimed too.
+        """
+        if not self.keyed:
+            return None
+        form = routing_path(path)
+        for family in self.keyed.values():
+            if family.claims(form):
+                return family
+            if family.route.protect_variants and family.claims_variant(variant_path(path)):
+                return family
+        return None
 
     def variant_of(self, path: str) -> str | None:
         """The protected route `path` is a variant of, for a path that is no route.

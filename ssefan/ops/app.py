@@ -18,8 +18,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ssefan import __version__
-from ssefan.config import Config, RouteConfig
+from ssefan.config import Config, RouteConfig, UpstreamConfig
 from ssefan.core.cursors import DisconnectReason
+from ssefan.core.ring import RingBudget
+from ssefan.core.template import is_template
 from ssefan.edge.auth import ForwardAuth, forward_auth, forward_auths, unused_pools
 from ssefan.edge.proxy import Proxy
 from ssefan.edge.server import Server
@@ -31,7 +33,8 @@ from ssefan.ops.process import Process
 from ssefan.ops.sockets import LISTEN_BACKLOG, http_url, listen_error, systemd_listener
 from ssefan.ops.worker import WorkerEnv
 from ssefan.stream.channel import Channel, StreamBudget
-from ssefan.stream.upstream import Upstream, UpstreamState
+from ssefan.stream.keyed import KEY_GONE_STATUSES, ChannelBudget, CloseReason, KeyedChannels
+from ssefan.stream.upstream import Upstream, UpstreamCounts, UpstreamState
 
 __all__ = ["App", "new_event_loop", "run", "serve"]
 
@@ -55,6 +58,11 @@ class App:
         # max_clients across every route, counted by the channels themselves.
         self.budget = StreamBudget(config.max_clients)
         self.upstreams: dict[str, Upstream] = {}
+        # Template routes: their keys' channels, made and freed on demand.
+        self.keyed: dict[str, KeyedChannels] = {}
+        self.channel_budget = ChannelBudget(config.max_channels)
+        # Every ring's bytes, static and keyed, against ring_bytes_total.
+        self.ring_budget = RingBudget(config.ring_bytes_total)
         self.server: Server | None = None
         self.listener: asyncio.Server | None = None
         # Pass-through to `app` (None without one) and forward-auth by route.
@@ -81,6 +89,7 @@ class App:
             self.channels,
             pass_through=self.proxy.forward if self.proxy is not None else None,
             auth=self.auth,
+            keyed=self.keyed,
         )
         listen = self.config.listen
         if sock is not None:
@@ -111,11 +120,43 @@ class App:
         else:
             log.info("worker accepting connections at %s", self.url)
 
-    def _add_route(self, route: RouteConfig) -> Channel:
-        channel = Channel(route, loop=asyncio.get_running_loop(), budget=self.budget)
+    def _add_route(self, route: RouteConfig) -> Channel | None:
+        """A static route's channel (to start), or a template route's owner (None)."""
+        loop = asyncio.get_running_loop()
+        if is_template(route.path):
+            self.keyed[route.path] = KeyedChannels(
+                route,
+                loop=loop,
+                budget=self.budget,
+                channel_budget=self.channel_budget,
+                ring_budget=self.ring_budget,
+                make_source=self._key_upstream,
+            )
+            return None
+        channel = Channel(route, loop=loop, budget=self.budget, ring_budget=self.ring_budget)
         channel.attach_source(self._new_upstream(route, channel))
         self.channels[route.path] = channel
         return channel
+
+    def _key_upstream(
+        self, channel: Channel, upstream: UpstreamConfig, label: str, counts: UpstreamCounts
+    ) -> Upstream:
+        """A template key's subscription: ends on the app's 404/410/204 for it."""
+        return Upstream(
+            upstream,
+            channel,
+            route=label,
+            stop_statuses=KEY_GONE_STATUSES,
+            counts=counts,
+            quiet=True,
+        )
+
+    def all_channels(self) -> list[Channel]:
+        """Every live channel: the static routes' and the template keys'."""
+        channels = list(self.channels.values())
+        for family in self.keyed.values():
+            channels += family
+        return channels
 
     def _new_upstream(self, route: RouteConfig, channel: Channel) -> Upstream:
         upstream = Upstream(
@@ -174,15 +215,18 @@ class App:
             proxy=self.proxy.stats if self.proxy is not None else None,
             auth={path: auth.stats for path, auth in self.auth.items()},
         )
-        return metrics.collect(self.channels, self.upstreams, process)
+        return metrics.collect(self.channels, self.upstreams, process, self.keyed, self.ring_budget)
 
     def status_line(self) -> str:
         """STATUS= for systemd: what `systemctl status` shows under the unit."""
-        clients = sum(channel.client_count for channel in self.channels.values())
+        clients = sum(channel.client_count for channel in self.all_channels())
         streaming = sum(u.state is UpstreamState.STREAMING for u in self.upstreams.values())
+        routes = len(self.channels) + len(self.keyed)
+        keys = sum(len(family.channels) for family in self.keyed.values())
         return (
-            f"{_count(clients, 'client')} on {_count(len(self.channels), 'route')};"
+            f"{_count(clients, 'client')} on {_count(routes, 'route')};"
             f" {streaming}/{len(self.upstreams)} upstreams streaming"
+            + (f"; {_count(keys, 'template key')} live" if self.keyed else "")
         )
 
     # -- reload -------------------------------------------------------------------
@@ -195,21 +239,37 @@ class App:
             log.warning("reload: %s", line)
         new = reloading.keep_fixed(self.config, new)
         for path in change.removed:
+            if path in self.keyed:
+                self.keyed.pop(path).close(DisconnectReason.DRAIN, CloseReason.RELOAD)
+                continue
             channel = self.channels.pop(path)
             self.upstreams.pop(path, None)
             channel.close(DisconnectReason.DRAIN)  # clients reconnect and get 404
         for route in change.kept:
+            if route.path in self.keyed:
+                # Keys whose upstream is unchanged keep their channel and clients.
+                self.keyed[route.path].reconfigure(route)
+                continue
             channel = self.channels[route.path]
             source = None
             if route.path in change.new_upstream:
                 source = self._new_upstream(route, channel)
             channel.reconfigure(route, source)
         for route in change.added:
-            self._add_route(route).start()
-        # Same dict object (the Server holds it), in the new config's order.
-        order = {route.path: self.channels[route.path] for route in new.routes}
+            added = self._add_route(route)
+            if added is not None:
+                added.start()
+        # Same dict objects (the Server holds them), in the new config's order.
+        order = {r.path: self.channels[r.path] for r in new.routes if r.path in self.channels}
         self.channels.clear()
         self.channels.update(order)
+        templates = {r.path: self.keyed[r.path] for r in new.routes if r.path in self.keyed}
+        self.keyed.clear()
+        self.keyed.update(templates)
+        self.channel_budget.limit = new.max_channels
+        self.ring_budget.limit = new.ring_bytes_total
+        if self.ring_budget.held > self.ring_budget.limit:
+            self.ring_budget.reclaim()
         self._reconfigure_pass_through(self.config, new)
         reauthorize = self._reconfigure_auth(self.config, new)
         self.config = new
@@ -218,9 +278,10 @@ class App:
         self.budget.limit = new.max_clients
         self._upstream_changed.set()
         streams = [
-            (self.channels[path], sub)
+            (channel, sub)
             for path in reauthorize
-            for sub in self.channels[path].subscribers()
+            for channel in self._channels_of(path)
+            for sub in channel.subscribers()
         ]
         if streams:
             log.info(
@@ -236,6 +297,11 @@ class App:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return change
+
+    def _channels_of(self, path: str) -> list[Channel]:
+        if path in self.keyed:
+            return list(self.keyed[path])
+        return [self.channels[path]] if path in self.channels else []
 
     def _reconfigure_pass_through(self, old: Config, new: Config) -> None:
         """Pass-through follows a reload when its settings changed.
@@ -319,7 +385,7 @@ class App:
             idle = [c for c in list(server.connections) if c.close_if_idle()]
             if idle:
                 log.info("closed %d idle keep-alive connections", len(idle))
-        return await drain_streams(self.channels, window, self._rng, hurry)
+        return await drain_streams(self.all_channels, window, self._rng, hurry)
 
     async def stop(self, grace: float = STOP_TIMEOUT) -> None:
         """End every stream now, stop the upstreams (waiting up to `grace`
@@ -328,11 +394,15 @@ class App:
             self.listener.close()
         for task in list(self._tasks):
             task.cancel()
+        upstreams = list(self.upstreams.values())
+        for family in self.keyed.values():
+            upstreams += [c.source for c in family if isinstance(c.source, Upstream)]
+            family.close(DisconnectReason.DRAIN)
         for channel in self.channels.values():
             channel.close(DisconnectReason.DRAIN)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                for upstream in self.upstreams.values():
+                for upstream in upstreams:
                     await upstream.wait_stopped()
         if self.server is not None:
             for connection in list(self.server.connections):

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from ssefan.core.cursors import DisconnectReason
 from ssefan.core.refusal import RefusalReason
@@ -56,22 +56,25 @@ Stream = tuple[Channel, Subscriber]
 
 
 async def drain_streams(
-    channels: Mapping[str, Channel],
+    channels: Callable[[], Iterable[Channel]],
     window: float,
     rng: random.Random,
     hurry: asyncio.Event | None = None,
 ) -> int:
-    """End every stream of `channels`, and those that open meanwhile, spread
-    over `window` seconds (see end_spread). Returns the number ended."""
+    """End every stream of the `channels()` (static routes' and template keys'),
+    and those that open meanwhile, spread over `window` seconds (see
+    end_spread). Returns the number ended."""
 
     def opened() -> int:
-        # Streams ever opened: moves in the same event-loop step as the subscribe.
-        return sum(channel.stats.connects for channel in channels.values())
+        # Streams ever opened: moves in the same event-loop step as the
+        # subscribe. A template's keys share one ChannelStats: count it once.
+        stats = {id(channel.stats): channel.stats for channel in channels()}
+        return sum(each.connects for each in stats.values())
 
     seen = opened()
 
     def current() -> list[Stream]:
-        return [(c, sub) for c in channels.values() for sub in c.subscribers()]
+        return [(c, sub) for c in channels() for sub in c.subscribers()]
 
     def more() -> list[Stream] | None:
         # Everything is looked at again only when a stream opened since.

@@ -17,8 +17,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from ssefan.stream.channel import Channel, DisconnectReason
-from ssefan.stream.upstream import Upstream, UpstreamState
+from ssefan.core.ring import Ring, RingBudget
+from ssefan.stream.channel import Channel, ChannelStats, DisconnectReason
+from ssefan.stream.keyed import KeyedChannels
+from ssefan.stream.upstream import Upstream, UpstreamCounts, UpstreamState
 
 if TYPE_CHECKING:
     from ssefan.edge.auth import AuthStats
@@ -73,6 +75,8 @@ def collect(
     channels: Mapping[str, Channel],
     upstreams: Mapping[str, Upstream],
     process: ProcessInfo,
+    keyed: Mapping[str, KeyedChannels] | None = None,
+    ring_budget: RingBudget | None = None,
 ) -> list[Family]:
     """Every metric of one process, read from its counters at this moment."""
     f = _Families()
@@ -93,7 +97,21 @@ def collect(
     for result in ("ok", "failed"):
         reloads.add({"result": result}, process.reloads.get(result, 0))
     for path, channel in channels.items():
-        _route(f, path, channel, upstreams.get(path))
+        upstream = upstreams.get(path)
+        _route(f, path, channel.stats, channel.client_count)
+        _rings(f, path, [channel.ring], channel.clock())
+        if upstream is not None:
+            _upstreams(f, path, [upstream], upstream.counts)
+    for path, family in (keyed or {}).items():
+        _keyed(f, path, family)
+    if ring_budget is not None:
+        f.gauge(
+            "ssefan_ring_budget_bytes", "Bytes all rings hold together (ring_bytes_total's count)."
+        ).add({}, ring_budget.held)
+        f.counter(
+            "ssefan_ring_budget_evictions_total",
+            "Events evicted because ring_bytes_total was reached (the largest rings' oldest).",
+        ).add({}, ring_budget.evictions)
     if process.proxy is not None:
         _proxy(f, process.proxy)
     for path, stats in process.auth.items():
@@ -148,10 +166,10 @@ def _auth(f: _Families, path: str, stats: AuthStats) -> None:
     )
 
 
-def _route(f: _Families, path: str, channel: Channel, upstream: Upstream | None) -> None:
+def _route(f: _Families, path: str, stats: ChannelStats, clients: int) -> None:
+    """A route's stream counters: one channel's, or the sums over a template's keys."""
     route = {"route": path}
-    stats, ring = channel.stats, channel.ring
-    f.gauge("ssefan_clients", "Client streams connected now.").add(route, channel.client_count)
+    f.gauge("ssefan_clients", "Client streams connected now.").add(route, clients)
     f.counter("ssefan_connects_total", "Client streams opened.").add(route, stats.connects)
     disconnects = f.counter(
         "ssefan_disconnects_total",
@@ -197,29 +215,74 @@ def _route(f: _Families, path: str, channel: Channel, upstream: Upstream | None)
     f.counter("ssefan_heartbeats_total", "Heartbeats sent (one per channel tick).").add(
         route, stats.heartbeats
     )
-    now = channel.clock()
-    held = len(ring)
+
+
+def _rings(f: _Families, path: str, rings: list[Ring], now: float) -> None:
+    """Ring gauges: held events and bytes summed over `rings`; ages of the oldest."""
+    route = {"route": path}
+    held = sum(len(ring) for ring in rings)
     f.gauge("ssefan_ring_events", "Events held for replay.").add(route, held)
-    f.gauge("ssefan_ring_bytes", "Encoded bytes held for replay.").add(route, ring.held_bytes)
-    oldest = now - ring.time_at(ring.first_seq) if held else 0.0
+    f.gauge("ssefan_ring_bytes", "Encoded bytes held for replay.").add(
+        route, sum(ring.held_bytes for ring in rings)
+    )
+    filled = [ring for ring in rings if len(ring)]
+    oldest = max((now - ring.time_at(ring.first_seq) for ring in filled), default=0.0)
     f.gauge("ssefan_ring_oldest_age_seconds", "Age of the oldest event held.").add(route, oldest)
-    if held:
+    if filled:
         # The newest ring entry is the last thing the upstream sent (the ring
         # always keeps it), unlike channel.last_event_at which heartbeats move.
         f.gauge(
             "ssefan_upstream_last_event_age_seconds", "Seconds since the upstream's last event."
-        ).add(route, now - ring.time_at(ring.next_seq - 1))
-    if upstream is None:
-        return
-    states = f.gauge("ssefan_upstream_state", "The upstream's state (1 for the current one).")
+        ).add(route, min(now - ring.time_at(ring.next_seq - 1) for ring in filled))
+
+
+def _upstreams(f: _Families, path: str, upstreams: list[Upstream], counts: UpstreamCounts) -> None:
+    """Upstream gauges and counters; for a template, upstreams per state."""
+    route = {"route": path}
+    states = f.gauge(
+        "ssefan_upstream_state",
+        "The upstream's state (1 for the current one; a template route: its keys' upstreams"
+        " in each state).",
+    )
     for state in UpstreamState:
-        states.add({**route, "state": state.value}, int(upstream.state is state))
+        states.add({**route, "state": state.value}, sum(u.state is state for u in upstreams))
     f.counter("ssefan_upstream_connects_total", "Upstream responses that began a stream.").add(
-        route, upstream.connects
+        route, counts.connects
     )
     f.counter(
         "ssefan_upstream_failures_total", "Upstream connections that failed (then retried)."
-    ).add(route, upstream.failures)
+    ).add(route, counts.failures)
+
+
+def _keyed(f: _Families, path: str, family: KeyedChannels) -> None:
+    """A template route: sums over its keys, never a label per key (cardinality)."""
+    route = {"route": path}
+    channels = list(family)
+    _route(f, path, family.stats, family.client_count)
+    _rings(f, path, [channel.ring for channel in channels], family.clock())
+    _upstreams(
+        f,
+        path,
+        [c.source for c in channels if isinstance(c.source, Upstream)],
+        family.upstream_counts,
+    )
+    f.gauge("ssefan_channels", "Live keys (channels) of a template route.").add(
+        route, len(channels)
+    )
+    f.counter("ssefan_channels_opened_total", "Channels made for a template route's keys.").add(
+        route, family.opened
+    )
+    closed = f.counter(
+        "ssefan_channels_closed_total",
+        "Template channels freed, by reason (linger, upstream_gone, reload, limit).",
+    )
+    for reason, count in family.closed.items():
+        closed.add({**route, "reason": reason.value}, count)
+    # For the status page only (a name with "_" first is never rendered):
+    # the busiest keys, which must not become series.
+    busiest = f.gauge("_busiest_keys", "")
+    for key, clients in family.busiest(10):
+        busiest.add({**route, "key": key}, clients)
 
 
 class _Families:
@@ -270,6 +333,8 @@ def render(families: Iterable[Family]) -> bytes:
     """The Prometheus text format (0.0.4)."""
     lines: list[str] = []
     for family in families:
+        if family.name.startswith("_"):
+            continue  # status-page data, not a metric (see _keyed)
         lines.append(f"# HELP {family.name} {_escape_help(family.help)}")
         lines.append(f"# TYPE {family.name} {family.kind}")
         for labels, value in family.samples:
@@ -320,15 +385,23 @@ def from_json(data: bytes) -> list[Family]:
 
 def status(families: Iterable[Family]) -> dict[str, object]:
     """What the live status page shows: per route clients, events received and
-    upstream states, summed (or listed) over workers."""
+    upstream states, summed (or listed) over workers; for a template route its
+    live keys and its ten busiest keys."""
     clients: dict[str, int] = {}
     events: dict[str, int] = {}
     states: dict[str, list[str]] = {}
+    channels: dict[str, int] = {}
+    busiest: dict[str, dict[str, int]] = {}
     connections = 0
     for family in families:
         for labels, value in family.samples:
             route = labels.get("route", "")
-            if family.name == "ssefan_clients":
+            if family.name == "ssefan_channels":
+                channels[route] = channels.get(route, 0) + int(value)
+            elif family.name == "_busiest_keys":
+                keys = busiest.setdefault(route, {})
+                keys[labels["key"]] = keys.get(labels["key"], 0) + int(value)
+            elif family.name == "ssefan_clients":
                 clients[route] = clients.get(route, 0) + int(value)
             elif family.name == "ssefan_events_received_total":
                 events[route] = events.get(route, 0) + int(value)
@@ -346,6 +419,19 @@ def status(families: Iterable[Family]) -> dict[str, object]:
                 "clients": count,
                 "events": events.get(route, 0),
                 "upstream": sorted(states.get(route, [])),
+                **(
+                    {
+                        "channels": channels[route],
+                        "busiest": [
+                            {"key": key, "clients": n}
+                            for key, n in sorted(
+                                busiest.get(route, {}).items(), key=lambda item: -item[1]
+                            )[:10]
+                        ],
+                    }
+                    if route in channels
+                    else {}
+                ),
             }
             for route, count in clients.items()
         ],

@@ -35,7 +35,7 @@ from ssefan.core.cursors import GAP_EVENT, Backlog, Cursors, DisconnectReason
 from ssefan.core.fanout import Intake
 from ssefan.core.framing import TERMINAL_CHUNK, chunk
 from ssefan.core.refusal import RefusalReason
-from ssefan.core.ring import Ring
+from ssefan.core.ring import Ring, RingBudget
 from ssefan.core.sse import (
     Event,
     IdOnly,
@@ -124,9 +124,23 @@ class ChannelStats:
         self.replay_misses = 0  # id unknown to the ring
         self.replay_gaps = 0  # id was held once but has been evicted
 
+    def refused(self, reason: RefusalReason) -> None:
+        """Count a stream refused at the door (the client was told to retry)."""
+        self.refusals[reason] += 1
+        if reason is RefusalReason.MAX_CLIENTS:
+            # Counted with the stream endings too, as "limit".
+            self.disconnects[DisconnectReason.LIMIT] += 1
+
 
 class Channel:
-    """The shared state of one route."""
+    """The shared state of one route, or of one key of a template route.
+
+    A template's key channels (stream.keyed) share the route's `stats` and
+    `route_streams` (so per-route counters and max_clients span its keys),
+    are named in logs by `label`, and tell their owner when their last client
+    leaves or returns (`on_vacancy`), when linger has passed with none
+    (`on_idle`) and when the app stopped the key (`on_stopped`).
+    """
 
     def __init__(
         self,
@@ -135,16 +149,32 @@ class Channel:
         loop: asyncio.AbstractEventLoop,
         clock: Callable[[], float] = time.monotonic,
         budget: StreamBudget | None = None,
+        stats: ChannelStats | None = None,
+        route_streams: StreamBudget | None = None,
+        ring_budget: RingBudget | None = None,
+        label: str | None = None,
     ) -> None:
         self.route = route
+        self.label = label if label is not None else route.path  # what logs call it
         # Without a budget (tests, benchmarks): only the route's own cap applies.
         self.budget = budget if budget is not None else StreamBudget(limit=2**62)
+        # The route's max_clients; a template's keys share the route's.
+        self._owns_route_streams = route_streams is None
+        self.route_streams = (
+            route_streams if route_streams is not None else StreamBudget(_route_cap(route))
+        )
         self.loop = loop
         self.clock = clock
         self.ring = Ring(
-            max_events=route.buffer, max_bytes=route.buffer_bytes, max_age=route.buffer_age
+            max_events=route.buffer,
+            max_bytes=route.buffer_bytes,
+            max_age=route.buffer_age,
+            budget=ring_budget,
         )
-        self.stats = ChannelStats()
+        self.stats = stats if stats is not None else ChannelStats()
+        self.on_vacancy: Callable[[bool], None] | None = None
+        self.on_idle: Callable[[], None] | None = None
+        self.on_stopped: Callable[[int], None] | None = None
         self.source: Source | None = None
         # True after the app answered 204: streams end and new clients get 204.
         self.stopped_by_upstream = False
@@ -189,7 +219,7 @@ class Channel:
             self._start_source()
 
     def close(self, reason: DisconnectReason = DisconnectReason.DRAIN) -> None:
-        """Stop the source and timers and end every stream."""
+        """Stop the source and timers, end every stream, give the ring's bytes back."""
         self.closed = True
         self._stop_source()
         self._cancel_catch_up()
@@ -198,6 +228,7 @@ class Channel:
                 handle.cancel()
         self._heartbeat_handle = self._linger_handle = None
         self.end_streams(reason)
+        self.ring.release()
 
     def end_streams(self, reason: DisconnectReason) -> None:
         for sub in list(self.subscribers()):
@@ -234,6 +265,8 @@ class Channel:
             if was_running:
                 self._start_source()
         self.route = route
+        if self._owns_route_streams:
+            self.route_streams.limit = _route_cap(route)
         self.cursors.max_lag_bytes = route.max_client_lag_bytes
         if (route.buffer, route.buffer_bytes, route.buffer_age) != (
             old.buffer,
@@ -289,17 +322,11 @@ class Channel:
 
     def admits(self) -> bool:
         """Whether a new stream fits: the route's `max_clients` and the process's."""
-        cap = self.route.max_clients
-        if cap is not None and self.client_count >= cap:
-            return False
-        return not self.budget.full
+        return not self.route_streams.full and not self.budget.full
 
     def refused(self, reason: RefusalReason) -> None:
         """Count a stream refused at the door (the client was told to retry)."""
-        self.stats.refusals[reason] += 1
-        if reason is RefusalReason.MAX_CLIENTS:
-            # Counted with the stream endings too, as "limit".
-            self.stats.disconnects[DisconnectReason.LIMIT] += 1
+        self.stats.refused(reason)
 
     @property
     def client_count(self) -> int:
@@ -350,11 +377,14 @@ class Channel:
             return True  # fed directly (tests, benchmarks): always live
         return self._streaming and self._catch_up_handle is None
 
-    def upstream_stopped(self) -> None:
-        """The app answered 204: end every stream; new clients get 204 too."""
+    def upstream_stopped(self, status: int = 204) -> None:
+        """The app answered 204 (or, for a template's key, 404/410): end every
+        stream; new clients get that status too (a key's owner keeps it)."""
         self.stopped_by_upstream = True
         self._stop_source()
         self.end_streams(DisconnectReason.UPSTREAM_STOPPED)
+        if self.on_stopped is not None:
+            self.on_stopped(status)
 
     def publish(self, items: Iterable[Event | IdOnly | Overflow]) -> None:
         """Append one upstream read's worth of events and fan them out."""
@@ -390,7 +420,7 @@ class Channel:
                 " restarts (a global counter kept across deploys, a timestamp or a UUID),"
                 " and the app should honour Last-Event-ID; otherwise clients that resume"
                 " cannot get exactly what they missed",
-                self.route.path,
+                self.label,
                 upstream_id,
                 event_id,
             )
@@ -401,7 +431,7 @@ class Channel:
         log.warning(
             "route=%s upstream sent an over-long %s (%d bytes, over %s): event dropped; "
             "raise routes[].upstream.%s if such events are legitimate",
-            self.route.path,
+            self.label,
             item.kind,
             item.size,
             setting,
@@ -439,6 +469,7 @@ class Channel:
         goes through.
         """
         self.budget.open += 1
+        self.route_streams.open += 1
         if self.closed:
             # The route went away (reload) between the request and now: end
             # the stream at once; the client reconnects to the current config.
@@ -448,6 +479,8 @@ class Channel:
         if self._linger_handle is not None:
             self._linger_handle.cancel()
             self._linger_handle = None
+        if self.on_vacancy is not None and self.client_count == 0:
+            self.on_vacancy(False)
         if self.route.mode == "lazy":
             self._start_source()
         now = self.clock()
@@ -486,6 +519,7 @@ class Channel:
             return
         sub.closed = True
         self.budget.open -= 1
+        self.route_streams.open -= 1
         self.cursors.remove(sub)
         self.stats.disconnects[reason] += 1
         if reason in (DisconnectReason.SLOW, DisconnectReason.EVICTED):
@@ -497,7 +531,7 @@ class Channel:
             # Info, not warning: one slow phone is normal; many show in metrics.
             log.info(
                 "route=%s client cut off: %s (%s); it resumes by reconnecting",
-                self.route.path,
+                self.label,
                 reason,
                 why,
             )
@@ -508,13 +542,18 @@ class Channel:
                 sub.transport.close()
         if sub.on_close is not None:
             sub.on_close(reason)
-        if self.client_count == 0 and self.route.mode == "lazy" and self._source_running:
-            self._linger_handle = self.loop.call_later(self.route.linger, self._linger_expired)
+        if self.client_count == 0:
+            if self.route.mode == "lazy" and self._source_running:
+                self._linger_handle = self.loop.call_later(self.route.linger, self._linger_expired)
+            if self.on_vacancy is not None and not self.closed:
+                self.on_vacancy(True)
 
     def _linger_expired(self) -> None:
         self._linger_handle = None
         if self.client_count == 0:
             self._stop_source()
+            if self.on_idle is not None:
+                self.on_idle()  # a template's key: its owner frees the channel
 
     # -- heartbeat ------------------------------------------------------------
 
@@ -550,3 +589,7 @@ class Channel:
                     sub.send(comment)
         self.last_event_at = now
         self._schedule_heartbeat(interval)
+
+
+def _route_cap(route: RouteConfig) -> int:
+    return route.max_clients if route.max_clients is not None else 2**62

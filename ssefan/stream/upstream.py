@@ -4,6 +4,7 @@ Connect, stream, parse (each read as one batch), hand batches to the sink; on
 EOF, error or a silent stream (read-idle watchdog) reconnect with exponential
 backoff and full jitter, resuming with Last-Event-ID. A 204 means "stop": the
 sink ends its streams and the upstream is not retried until a reload or restart.
+A template route's key also stops on 404 and 410 (the app has no such key).
 
 Why the last attempt ended is kept as one `LastFailure` record (its kind, a
 sentence for people, how many attempts in a row failed, when the next one
@@ -42,7 +43,14 @@ from ssefan.stream.status import (
     classify,
 )
 
-__all__ = ["FailureKind", "LastFailure", "Upstream", "UpstreamFailure", "UpstreamState"]
+__all__ = [
+    "FailureKind",
+    "LastFailure",
+    "Upstream",
+    "UpstreamCounts",
+    "UpstreamFailure",
+    "UpstreamState",
+]
 
 log = logging.getLogger("ssefan.upstream")
 
@@ -68,7 +76,18 @@ class Sink(Protocol):
 
     def upstream_disconnected(self) -> None: ...
 
-    def upstream_stopped(self) -> None: ...
+    def upstream_stopped(self, status: int) -> None: ...
+
+
+class UpstreamCounts:
+    """Counters rendered by metrics; the upstreams of a template's keys share
+    one, so the route's totals are their sums and outlive a freed key."""
+
+    __slots__ = ("connects", "failures")
+
+    def __init__(self) -> None:
+        self.connects = 0  # responses that began a stream
+        self.failures = 0  # attempts that failed (then retried)
 
 
 class Upstream:
@@ -81,6 +100,9 @@ class Upstream:
         *,
         route: str = "",
         on_state: Callable[[UpstreamState], None] | None = None,
+        stop_statuses: frozenset[int] = frozenset({204}),
+        counts: UpstreamCounts | None = None,
+        quiet: bool = False,
     ) -> None:
         self.config = config
         self.sink = sink
@@ -90,9 +112,13 @@ class Upstream:
         self.on_state = on_state
         self.retry_hint: float | None = None  # seconds, from the upstream's `retry:`
         self.url = redact(config.url)  # what logs, /readyz and the status page show
-        # Counters (rendered by metrics).
-        self.connects = 0
-        self.failures = 0
+        # Statuses that end the subscription rather than being retried.
+        self.stop_statuses = stop_statuses
+        self.stopped_with: int | None = None
+        self.counts = counts if counts is not None else UpstreamCounts()
+        # A template's keys come and go by the hundred: their routine
+        # connects and ends are logged at debug, not info.
+        self._routine = logging.DEBUG if quiet else logging.INFO
         self.last_failure: LastFailure | None = None
         self.streaming_since: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -120,6 +146,14 @@ class Upstream:
                 await task
 
     @property
+    def connects(self) -> int:
+        return self.counts.connects
+
+    @property
+    def failures(self) -> int:
+        return self.counts.failures
+
+    @property
     def last_error(self) -> str:
         """The most recent failure's text ("" if there was none)."""
         return self.last_failure.text if self.last_failure is not None else ""
@@ -130,8 +164,8 @@ class Upstream:
         failure = self.last_failure
         if self.state is UpstreamState.STOPPED:
             return (
-                "stopped: the app answered 204 No Content, so no reconnect until a reload"
-                f" or restart, url {self.url}"
+                f"stopped: the app answered {_status_text(self.stopped_with or 204)}, so no"
+                f" reconnect until a reload or restart, url {self.url}"
             )
         if failure is None or failure.count == 0 or self.state is UpstreamState.STREAMING:
             return f"{self.state.value}, url {self.url}"
@@ -185,13 +219,13 @@ class Upstream:
             self.streaming_since = None
             try:
                 stop = await self._stream_once()
-                if not stop:
+                if stop is None:
                     # WHATWG §9.2.3: a clean end of body means "reconnect". Not
                     # counted as a failure in the metrics, but /readyz says why
                     # the route is in backoff.
                     self._failed(FailureKind.CLOSED, "the app ended the stream")
             except ATTEMPT_FAILURES as exc:
-                self.failures += 1
+                self.counts.failures += 1
                 failure = self._failed(*self._classify(exc))
                 log.warning(
                     "route=%s upstream=%s failed: %s (kind=%s, attempt %d)",
@@ -201,36 +235,38 @@ class Upstream:
                     failure.kind.value,
                     attempt + 1,
                 )
-                stop = False
+                stop = None
             except Exception as exc:
                 # A bug (ours, in parsing or fan-out), not the app's fault. The
                 # route must not die silently while /readyz stays green: log it
                 # loudly, count it, and carry on through the backoff like any
                 # other failure.
-                self.failures += 1
+                self.counts.failures += 1
                 self._failed(FailureKind.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
                 log.exception("route=%s upstream=%s internal error", self.route, self.url)
-                stop = False
+                stop = None
             # Whatever ended this attempt, the next response may open with a
             # replay of events the app already produced (the sink must not take
             # them for live ones).
             self.sink.upstream_disconnected()
-            if stop:
-                log.warning(
-                    "route=%s upstream=%s answered 204: streams end, no reconnect "
-                    "until reload or restart",
-                    self.route,
-                    self.url,
-                )
+            if stop is not None:
+                if stop == 204:
+                    log.warning(
+                        "route=%s upstream=%s answered 204: streams end, no reconnect "
+                        "until reload or restart",
+                        self.route,
+                        self.url,
+                    )
+                self.stopped_with = stop
                 self._set_state(UpstreamState.STOPPED)
-                self.sink.upstream_stopped()
+                self.sink.upstream_stopped(stop)
                 return
             if self._was_stable():
                 attempt = 0
             delay = self.backoff_delay(attempt)
             attempt += 1
             self._set_state(UpstreamState.BACKOFF, delay=delay)
-            log.info("route=%s reconnecting to upstream in %.2fs", self.route, delay)
+            log.log(self._routine, "route=%s reconnecting to upstream in %.2fs", self.route, delay)
             await asyncio.sleep(delay)
 
     def _was_stable(self) -> bool:
@@ -238,8 +274,9 @@ class Upstream:
         since = self.streaming_since
         return since is not None and time.monotonic() - since >= self.config.backoff_reset
 
-    async def _stream_once(self) -> bool:
-        """One connection: returns True if the app said stop (204)."""
+    async def _stream_once(self) -> int | None:
+        """One connection: returns the status if the app said stop (204, or
+        one of stop_statuses), None if the stream ended for a reconnect."""
         cfg, target = self.config, self.origin
         try:
             connection = await connect(target, connect_timeout=cfg.connect_timeout)
@@ -274,7 +311,7 @@ class Upstream:
             headers.append((b"Last-Event-ID", last_id.encode("utf-8")))
         return headers
 
-    async def _converse(self, connection: OriginConnection) -> bool:
+    async def _converse(self, connection: OriginConnection) -> int | None:
         request = h11.Request(method="GET", target=self.target, headers=self._request_headers())
         connection.write(request)
         connection.write(h11.EndOfMessage())
@@ -289,25 +326,25 @@ class Upstream:
                 except TimeoutError:
                     raise UpstreamFailure(FailureKind.IDLE_TIMEOUT, self._idle_text()) from None
                 if parser is not None and not self._publish_ready(connection, parser):
-                    return False
+                    return None
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue
             if isinstance(event, h11.Response):
-                if event.status_code == 204:
-                    return True
+                if event.status_code in self.stop_statuses:
+                    return event.status_code
                 self._check_response(event)
                 parser = Parser(
                     max_line_bytes=self.config.max_line_bytes,
                     max_event_bytes=self.config.max_event_bytes,
                 )
-                self.connects += 1
+                self.counts.connects += 1
                 self.streaming_since = time.monotonic()
                 self.sink.upstream_connected()
                 self._set_state(UpstreamState.STREAMING)
-                log.info("route=%s upstream=%s streaming", self.route, self.config.url)
+                log.log(self._routine, "route=%s upstream=%s streaming", self.route, self.url)
                 if not self._publish_ready(connection, parser):
-                    return False
+                    return None
                 continue
             if isinstance(event, h11.ConnectionClosed):
                 raise UpstreamFailure(
@@ -356,7 +393,7 @@ class Upstream:
                 items += [i for i in parser.close() if isinstance(i, Overflow)]
                 if items:
                     self.sink.publish(items)
-                log.info("route=%s upstream ended the stream", self.route)
+                log.log(self._routine, "route=%s upstream ended the stream", self.route)
                 return None
             raise UpstreamFailure(
                 FailureKind.PROTOCOL, f"unexpected {type(event).__name__} in the body"
@@ -393,3 +430,10 @@ class Upstream:
     def _classify(self, exc: BaseException) -> tuple[FailureKind, str]:
         """The kind and a sentence for an exception that ended an attempt."""
         return classify(exc, self.origin)
+
+
+def _status_text(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)

@@ -420,7 +420,7 @@ class NullSink:
 
     def upstream_disconnected(self) -> None: ...
 
-    def upstream_stopped(self) -> None: ...
+    def upstream_stopped(self, status: int = 204) -> None: ...
 
 
 @pytest.mark.parametrize(
@@ -469,7 +469,7 @@ class _FlakySink:
     def upstream_disconnected(self) -> None:
         pass
 
-    def upstream_stopped(self) -> None:
+    def upstream_stopped(self, status: int = 204) -> None:
         raise AssertionError("not a 204")
 
 

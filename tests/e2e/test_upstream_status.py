@@ -285,7 +285,7 @@ class _Sink:
     def upstream_disconnected(self) -> None:
         pass
 
-    def upstream_stopped(self) -> None:
+    def upstream_stopped(self, status: int = 204) -> None:
         pass
 
 

@@ -618,3 +618,9 @@ def test_claims_paths_of_the_template_whatever_the_key(
     template: str, path: str, claimed: bool
 ) -> None:
     assert parse_route(template).claims(path) is claimed
+
+
+def test_claims_a_variant_form_with_folded_literals() -> None:
+    template = parse_route("/Jobs/{job}/progress")
+    assert template.claims("/jobs/x/progress", fold=True)
+    assert not template.claims("/jobs/x/progress")
