@@ -8,7 +8,6 @@ from typing import Literal
 from ssefan.config.keys import (
     _AUTH_KEYS,
     _CORS_KEYS,
-    _KEY_KEYS,
     _MISPLACED_IN_ROUTE,
     _ROUTE_KEYS,
     _START_KEYS,
@@ -29,16 +28,15 @@ from ssefan.config.reader import _join, _Reader, _Section, _written
 from ssefan.config.schema import (
     _AUTH_DEFAULTS,
     _CORS_DEFAULTS,
-    _KEY_DEFAULTS,
     _ROUTE_DEFAULTS,
     _UPSTREAM_DEFAULTS,
     AuthConfig,
     CorsConfig,
-    KeyConfig,
     RouteConfig,
     StartConfig,
     UpstreamConfig,
 )
+from ssefan.config.templates import check_template, read_key
 from ssefan.config.values import (
     _BadValue,
     _boolean,
@@ -55,11 +53,7 @@ from ssefan.config.values import (
     _size,
 )
 from ssefan.core.template import (
-    TemplateError,
     is_template,
-    missing_placeholders,
-    parse_route,
-    parse_upstream,
 )
 
 _Mode = Literal["eager", "lazy"]
@@ -82,7 +76,7 @@ def _read_route(reader: _Reader, raw: object, path: str) -> RouteConfig | None:
     route = RouteConfig(
         path=route_path or d.path,
         upstream=upstream or d.upstream,
-        key=section.nested("key", _read_key, d.key),
+        key=section.nested("key", read_key, d.key),
         max_channels=section.get("max_channels", _optional(_integer(minimum=1)), d.max_channels),
         buffer=section.get("buffer", _integer(minimum=1), d.buffer),
         buffer_bytes=section.get("buffer_bytes", _size(), d.buffer_bytes),
@@ -103,88 +97,8 @@ def _read_route(reader: _Reader, raw: object, path: str) -> RouteConfig | None:
         protect_variants=section.get("protect_variants", _boolean, d.protect_variants),
     )
     _check_start_fits(reader, section.path_of("start"), route)
-    ok = _check_template(reader, section, route) if upstream is not None else True
+    ok = check_template(reader, section, route) if upstream is not None else True
     return None if route_path is None or upstream is None or not ok else route
-
-
-def _check_template(reader: _Reader, section: _Section, route: RouteConfig) -> bool:
-    """A template route's settings fit together; a static route has none of them."""
-    upstream = route.upstream
-    try:
-        upstream_template = parse_upstream(upstream.url, upstream.headers)
-    except TemplateError as err:
-        reader.report(_upstream_url_path(section), str(err))
-        return False
-    if not is_template(route.path):
-        uses = upstream_template.names
-        if uses:
-            reader.report(
-                _upstream_url_path(section),
-                f"uses {_placeholders(uses)}, but path {_show(route.path)} has no placeholder;"
-                f' write the path as a template, like "/jobs/{{{uses[0]}}}/progress"',
-            )
-        for key in ("key", "max_channels"):
-            if key in section.values:
-                reader.report(
-                    section.path_of(key),
-                    f"applies only to a template route (a path with {{name}} placeholders,"
-                    f' like "/jobs/{{job}}/progress"); {_show(route.path)} is a fixed path',
-                )
-        return not uses
-    if "mode" in section.values and route.mode == "eager":
-        reader.report(
-            section.path_of("mode"),
-            "a template route is always lazy (a key's channel opens with its first client and"
-            " closes linger after its last); remove mode",
-        )
-        return False
-    try:
-        template = parse_route(route.path, pattern=route.key.pattern)
-    except TemplateError as err:
-        reader.report(section.path_of("path"), str(err))
-        return False
-    missing = missing_placeholders(template, upstream_template)
-    if missing:
-        reader.report(
-            _upstream_url_path(section),
-            f"uses {_placeholders(missing)}, which path {_show(route.path)} does not have;"
-            " every placeholder in the upstream must come from the path",
-        )
-        return False
-    return True
-
-
-def _upstream_url_path(section: _Section) -> str:
-    raw = section.values.get("upstream")
-    path = section.path_of("upstream")
-    return f"{path}.url" if isinstance(raw, dict) else path
-
-
-def _placeholders(names: tuple[str, ...]) -> str:
-    return ", ".join("{" + name + "}" for name in names)
-
-
-def _read_key(reader: _Reader, raw: object, path: str) -> KeyConfig | None:
-    section = reader.section(
-        raw, path, _KEY_KEYS, 'a mapping with pattern, like {pattern: "[0-9]{1,12}"}'
-    )
-    if section is None:
-        return None
-    pattern = section.get("pattern", _key_pattern, _KEY_DEFAULTS.pattern)
-    return KeyConfig(pattern=pattern)
-
-
-def _key_pattern(value: object) -> str:
-    if not isinstance(value, str) or not value:
-        raise _BadValue(
-            f'expected a regular expression for the whole key, like "[0-9]{{1,12}}", got'
-            f" {_show(value)}"
-        )
-    try:
-        parse_route("/{key}", pattern=value)
-    except TemplateError as err:
-        raise _BadValue(str(err)) from None
-    return value
 
 
 def _read_required_upstream(section: _Section) -> UpstreamConfig | None:

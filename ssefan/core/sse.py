@@ -45,6 +45,11 @@ Where the parser departs from a browser, on purpose:
 * ``retry`` is clamped to ``MAX_RETRY_MS`` (24 h) so a valid but absurd value
   (``retry: 99999999999999999999``) cannot overflow a timer or hit CPython's
   int-from-string digit limit.
+
+Past 400 lines, knowingly: the parser and the encoder are one contract (what
+`encode` writes is exactly what `Parser` reads back, byte for byte, and both
+follow the spec's field rules), tested together against the web-platform-tests
+vectors; split, each half would restate the other's rules.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ Everything a stream's admission depends on lives here once: CORS, the
 forward-auth settings actually in force, drain, capacity, the app's "stop"
 (204), the temporary refusals a browser follows (refusal.py), and the
 counters of what was refused. The adapter only frames what it is told.
+
+A little past 400 lines: the answers are written out here (statuses, bodies,
+log lines), so that the adapter holds none.
 """
 
 from __future__ import annotations

@@ -14,6 +14,12 @@ bytes the client sends go to a bounded inbox the task pulls from (reading
 pauses when it is full), and the task waits on `pause_writing` through a
 write gate (flow.py). When the task ends, the connection goes back to
 READING (keep-alive), is STREAMING, or closes.
+
+Past 400 lines, knowingly: one asyncio.Protocol's state (the h11 machine,
+the mode, the timer, the inbox and write gate of a hand-off) read by every
+method: reading requests, handing off and back, and the Downstream methods a
+pass-through exchange drives. Decisions are in admission.py, the exchange in
+proxy.py.
 """
 
 from __future__ import annotations

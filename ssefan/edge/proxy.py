@@ -21,6 +21,13 @@ Failures get a short plain-text answer that names the request id: the app
 unreachable 502, the app too slow 504, a body over the limit 413. Once the
 response head has gone out there is nothing left to say, and the client
 connection is cut so it can tell the body is incomplete.
+
+Past 400 lines, knowingly: what is left is one exchange's state machine (the
+request with or without a body, the retry on a stale connection, the response
+relay, the hand-off to a tunnel), whose steps all read and move the same state
+(the origin connection, the first-byte timer, what the client was sent, the
+request id the errors name). The contract with the adapter is downstream.py,
+the byte tunnel tunnel.py.
 """
 
 from __future__ import annotations
@@ -29,12 +36,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import h11
 
 from ssefan.config import Config, ProxyConfig
+from ssefan.edge.downstream import ClientGone, Downstream, ProxyError, ToClient
+from ssefan.edge.tunnel import tunnel
 from ssefan.http.forwarding import (
     Header,
     TargetRedactor,
@@ -68,75 +76,19 @@ log = logging.getLogger("ssefan.proxy")
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 _T = TypeVar("_T")
-_ToClient = h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
 
 
-class Downstream(Protocol):
-    """The client's connection as an exchange drives it (server.HTTPConnection).
-
-    `receive`, `drain` and `receive_raw` raise ConnectionError once the client
-    is gone; `write` and `write_raw` too, when it already is.
-    """
-
-    conn: h11.Connection  # the client-facing h11 state machine
-    peer_ip: str
-    scheme: str  # "http" or "https", as the client reached ssefan
-
-    @property
-    def writing_paused(self) -> bool: ...
-
-    @property
-    def keep_alive(self) -> bool:
-        """False when the connection must close after this response (a drain)."""
-        ...
-
-    async def receive(self) -> h11.Event: ...
-
-    def write(self, event: _ToClient) -> None: ...
-
-    async def drain(self) -> None: ...
-
-    async def receive_raw(self) -> bytes: ...
-
-    def write_raw(self, data: bytes) -> None: ...
-
-    def respond(
-        self,
-        status: int,
-        body: str | bytes,
-        headers: list[tuple[bytes, bytes]] | None = None,
-        *,
-        close: bool = False,
-        content_type: bytes = b"text/plain; charset=utf-8",
-    ) -> None: ...
-
-    def close(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-
-class ProxyError(Exception):
-    """The exchange can't complete; `status` is what the client hears if it still can."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-class ClientGone(Exception):
-    """The client closed, broke the protocol mid-body, or stopped reading."""
-
-
-@dataclass
 class ProxyStats:
     """Plain counters, bumped where the work happens and rendered on scrape."""
 
-    requests: int = 0
-    retries: int = 0  # stale keep-alive connections retried
-    tunnels: int = 0
-    clients_gone: int = 0
-    failures: dict[int, int] = field(default_factory=dict)  # by status answered
+    __slots__ = ("clients_gone", "failures", "requests", "retries", "tunnels")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.retries = 0  # stale keep-alive connections retried
+        self.tunnels = 0
+        self.clients_gone = 0
+        self.failures: dict[int, int] = {}  # by status answered
 
 
 class Proxy:
@@ -199,7 +151,6 @@ class Exchange:
         self._head_deadline: asyncio.Timeout | None = None
         self._request_sent = False
         self._head_sent = False  # the final response head (or a 101) went to the client
-        self._last_activity = 0.0  # loop time of the last byte through a tunnel
 
     # -- the whole exchange ---------------------------------------------------------
 
@@ -466,60 +417,8 @@ class Exchange:
             h11.InformationalResponse(status_code=101, headers=headers, reason=switch.reason)
         )
         self.proxy.stats.tunnels += 1
-        loop = asyncio.get_running_loop()
-        self._last_activity = loop.time()
-        pumps = [
-            asyncio.create_task(self._pump(self.client.receive_raw, origin.write_raw, origin)),
-            asyncio.create_task(self._pump(origin.receive_raw, self.client.write_raw, None)),
-        ]
-        try:
-            # Either side closing ends the tunnel (as nginx does for upgraded
-            # connections); what was written is flushed by the closes below.
-            done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-            ended = next(iter(done))
-            log.debug("request=%s tunnel ended: %s", self.request_id, ended.result())
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            origin.close()
-            if self.client.writing_paused:
-                self.client.abort()  # a stuck client would never flush a graceful close
-            else:
-                self.client.close()
-
-    async def _pump(
-        self,
-        read: _Reader,
-        write: _Writer,
-        origin: OriginConnection | None,
-    ) -> str:
-        """Copy one direction of a tunnel until EOF, an error, or idleness both ways."""
-        loop = asyncio.get_running_loop()
-        idle = self.settings.idle_timeout
-        while True:
-            try:
-                async with asyncio.timeout(idle):
-                    data = await read()
-            except TimeoutError:
-                if loop.time() - self._last_activity < idle:
-                    continue  # the other direction is busy: the tunnel is alive
-                return f"idle for {idle:g}s"
-            except (ConnectionError, OSError) as exc:
-                return f"read failed: {type(exc).__name__}"
-            if not data:
-                return "eof"
-            self._last_activity = loop.time()
-            try:
-                write(data)
-                paused = origin.writing_paused if origin is not None else self.client.writing_paused
-                if paused:
-                    async with asyncio.timeout(idle):
-                        await (origin.drain() if origin is not None else self.client.drain())
-            except TimeoutError:
-                return f"peer stopped reading for {idle:g}s"
-            except (ConnectionError, OSError) as exc:
-                return f"write failed: {type(exc).__name__}"
+        ended = await tunnel(self.client, origin, self.settings.idle_timeout)
+        log.debug("request=%s tunnel ended: %s", self.request_id, ended)
 
     # -- the request head ---------------------------------------------------------------
 
@@ -600,7 +499,7 @@ class Exchange:
         except ConnectionError:
             raise ClientGone("closed the connection") from None
 
-    async def _to_client(self, event: _ToClient) -> None:
+    async def _to_client(self, event: ToClient) -> None:
         client = self.client
         try:
             client.write(event)
@@ -621,14 +520,6 @@ class Exchange:
             # head is not out yet, else the body is cut (see _fail), and a
             # warning either way, never a traceback.
             raise ProxyError(502, _unrelayable(exc)) from None
-
-
-class _Reader(Protocol):
-    def __call__(self) -> Awaitable[bytes]: ...
-
-
-class _Writer(Protocol):
-    def __call__(self, data: bytes, /) -> None: ...
 
 
 def _is_chunked(headers: list[Header]) -> bool:
@@ -657,7 +548,7 @@ def _response_headers(response: h11.Response) -> list[Header]:
     return headers
 
 
-def _is_switch(event: _ToClient) -> bool:
+def _is_switch(event: ToClient) -> bool:
     return isinstance(event, h11.InformationalResponse) and event.status_code == 101
 
 

@@ -5,6 +5,11 @@ the socket it is given (socket activation, a worker's) or binds its own, and
 runs ops.process.Process around it: signals, sd_notify, the admin listener.
 The drain's algorithm is ops.drain. `serve()` hands `workers: N > 1` to the
 supervisor.
+
+Past 400 lines, knowingly: one App's wiring and the reload that rewires it
+act on the same registries (channels, template routes, upstreams, forward-auth,
+the budgets), in one event-loop step each; the drain algorithm is drain.py's,
+the process around it process.py's, what a reload changes reload.py's.
 """
 
 from __future__ import annotations

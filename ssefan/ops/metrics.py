@@ -6,6 +6,10 @@ here runs per event. `collect()` turns them into `Family` values, `render()`
 writes the text format (version 0.0.4, what every Prometheus scrapes), and the
 JSON form lets a supervisor gather its workers' families and label each with
 `worker` (see `merge`).
+
+Past 400 lines, knowingly: what is collected and how it is exposed (text,
+JSON for a supervisor, the status page's summary) are one naming contract:
+each family's name, kind and labels are written once, here.
 """
 
 from __future__ import annotations

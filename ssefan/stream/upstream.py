@@ -10,6 +10,11 @@ Why the last attempt ended is kept as one `LastFailure` record (its kind, a
 sentence for people, how many attempts in a row failed, when the next one
 is due): /readyz and the status page show it instead of a bare "backoff".
 The record, the states and the classification of failures are status.py's.
+
+Past 400 lines, knowingly: the reconnect loop and the conversation of one
+connection share the upstream's state (the backoff attempt, the retry hint,
+the state and last failure, the counters); the states and the classification
+of failures are status.py's, the HTTP client http/client.py's.
 """
 
 from __future__ import annotations
