@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from fake_transport import Client, FakeTransport
@@ -27,15 +27,6 @@ def route(**keys: object) -> RouteConfig:
         upstream=UpstreamConfig(url="http://127.0.0.1:9/events"),
         **base,  # type: ignore[arg-type]
     )
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    try:
-        yield loop
-    finally:
-        loop.close()
 
 
 def make_channel(loop: asyncio.AbstractEventLoop, **keys: object) -> Channel:

@@ -7,9 +7,7 @@ app would do (events, a 404) through the channel's sink methods.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
-import pytest
 from fake_transport import Client
 
 from ssefan.config import RouteConfig, UpstreamConfig
@@ -45,15 +43,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def loop() -> Iterator[asyncio.AbstractEventLoop]:
-    loop = asyncio.new_event_loop()
-    try:
-        yield loop
-    finally:
-        loop.close()
 
 
 class Setup:
