@@ -34,7 +34,7 @@ import h11
 from ssefan.core.sse import encode_comment
 from ssefan.http.responses import response_head
 from ssefan.ops import metrics
-from ssefan.ops.sockets import http_url
+from ssefan.ops.sockets import http_url, listen_error
 from ssefan.stream.upstream import Upstream
 
 __all__ = ["Admin", "AdminSource"]
@@ -94,9 +94,16 @@ class Admin:
     # -- lifecycle ---------------------------------------------------------------
 
     async def start_tcp(self, host: str, port: int) -> None:
-        self.server = await asyncio.start_server(
-            self._serve, host, port, reuse_address=True, limit=MAX_REQUEST_HEAD
-        )
+        try:
+            self.server = await asyncio.start_server(
+                self._serve, host, port, reuse_address=True, limit=MAX_REQUEST_HEAD
+            )
+        except OSError as exc:
+            # Port in use, no such address: said like listen's, naming admin.listen.
+            problem = listen_error("admin.listen", host, port, exc)
+            if problem is None:
+                raise
+            raise problem from exc
         self._loopback = all(_is_loopback(str(s.getsockname()[0])) for s in self.server.sockets)
         log.info("admin endpoints at %s (/healthz /readyz /metrics /)", self.url)
 

@@ -20,7 +20,7 @@ import logging
 import os
 import pwd
 import socket
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -209,38 +209,45 @@ def reserve_port(host: str, port: int) -> socket.socket:
     (port 0 becomes a real one) for workers to bind their own sockets to, and
     keeps it ours while workers restart. A socket that does not listen is in
     no accept queue, so it takes none of the workers' connections."""
-    family, address = _resolve(host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
+
+    def reserve(sock: socket.socket, address: tuple[object, ...]) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        problem = listen_error("listen", host, port, exc)
-        if problem is None:
-            raise
-        raise problem from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+
+    return _bound("listen", host, port, reserve)
 
 
 def bind_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A listening, non-blocking TCP socket on the first address `host` gives."""
-    family, address = _resolve(host, port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
+
+    def listen(sock: socket.socket, address: tuple[object, ...]) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
+
+    return _bound("listen", host, port, listen)
+
+
+def _bound(
+    setting: str,
+    host: str,
+    port: int,
+    setup: Callable[[socket.socket, tuple[object, ...]], None],
+) -> socket.socket:
+    """A TCP socket for `host:port` set up by `setup`; a bind that fails for a
+    reason people can act on (in use, no such address, no permission) is a
+    ListenError naming `setting`, and the socket is closed on any failure."""
+    family, address = _resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        setup(sock, address)
     except OSError as exc:
         sock.close()
-        problem = listen_error("listen", host, port, exc)
+        problem = listen_error(setting, host, port, exc)
         if problem is None:
             raise
         raise problem from exc

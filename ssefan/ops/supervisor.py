@@ -154,6 +154,16 @@ class Supervisor:
         if self._listener is None:
             listen = self.config.listen
             self._reserved = sockets.reserve_port(listen.host, listen.port)
+        if self.config.admin is not None:
+            # Bound before any worker exists, like the port: an address in use
+            # is then a one-line error and exit 2, not a task's lost exception.
+            self.admin = Admin(self)
+            admin_listen = self.config.admin.listen
+            try:
+                await self.admin.start_tcp(admin_listen.host, admin_listen.port)
+            except BaseException:
+                self._close()
+                raise
         loop.add_reader(self._notify.fileno(), self._on_notify)
         remove_signal_handlers = install_signal_handlers(
             terminate=self._terminate, interrupt=self._interrupt, reload=self._reload
@@ -189,10 +199,6 @@ class Supervisor:
             len(self.workers),
             routes or "none",
         )
-        if self.config.admin is not None:
-            self.admin = Admin(self)
-            listen = self.config.admin.listen
-            await self.admin.start_tcp(listen.host, listen.port)
         await self._announce_ready()
 
     async def _announce_ready(self) -> None:

@@ -387,3 +387,26 @@ def test_address_in_use_is_one_line_and_exit_2(
     # The holder is this test process: /proc names it.
     assert f"held by pid {os.getpid()} (" in line
     assert hint in line
+
+
+@pytest.mark.parametrize("workers", ["", "workers: 2\n"], ids=["serve", "serve-supervisor"])
+def test_admin_address_in_use_names_admin_listen_and_exits_2(
+    tmp_path: Path, taken_port: int, workers: str
+) -> None:
+    path = tmp_path / "admin-taken.yaml"
+    path.write_text(
+        f"listen: 127.0.0.1:0\nadmin: {{listen: 127.0.0.1:{taken_port}}}\n{workers}"
+        "routes:\n  - path: /e\n    upstream: http://127.0.0.1:8000/e\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "ssefan", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"ssefan: cannot listen on 127.0.0.1:{taken_port}: "), last
+    assert "the address is in use" in last and "set another `admin.listen:` in " in last
