@@ -2,6 +2,14 @@
 
 These dataclasses are the contract the rest of ssefan is written against:
 every duration is a float in seconds, every size an int in bytes.
+
+The YAML loader reports every problem with its file, line and key path; a
+config built in code (the demo, tests, benchmarks, an embedding program)
+skips it, so each class also checks in `__post_init__` the invariants the
+rest of the code relies on (a ring of at least one event, a positive
+heartbeat, a port in range, a path that starts with "/"), and a broken one
+fails at construction with a ValueError naming the field, not later inside
+the event loop.
 """
 
 from __future__ import annotations
@@ -68,6 +76,16 @@ class UpstreamConfig:
     max_line_bytes: int = 1 * MiB
     max_event_bytes: int = 4 * MiB
 
+    def __post_init__(self) -> None:
+        _require(
+            self.url.startswith(("http://", "https://")),
+            "UpstreamConfig.url",
+            "an http:// or https:// URL",
+            self.url,
+        )
+        for name in ("connect_timeout", "idle_timeout", "backoff_base", "backoff_max"):
+            _require(getattr(self, name) > 0, f"UpstreamConfig.{name}", "> 0", getattr(self, name))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
@@ -126,11 +144,24 @@ class RouteConfig:
     # and past forward-auth.
     protect_variants: bool = True
 
+    def __post_init__(self) -> None:
+        _require(
+            self.path.startswith("/"), "RouteConfig.path", 'a path starting with "/"', self.path
+        )
+        _require(self.buffer >= 1, "RouteConfig.buffer", ">= 1", self.buffer)
+        _require(self.heartbeat > 0, "RouteConfig.heartbeat", "> 0", self.heartbeat)
+        for name in ("max_clients", "max_channels"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"RouteConfig.{name}", "None or >= 1", value)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ListenConfig:
     host: str
     port: int
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "ListenConfig.port", "from 0 to 65535", self.port)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,6 +260,15 @@ class Config:
     ready_timeout: float = 10 * SECONDS
     # The file the config came from, for messages; "<string>" when built in code.
     source: str = "<string>"
+
+    def __post_init__(self) -> None:
+        for name in ("max_clients", "max_channels", "workers"):
+            _require(getattr(self, name) >= 1, f"Config.{name}", ">= 1", getattr(self, name))
+
+
+def _require(ok: bool, field_name: str, expected: str, got: object) -> None:
+    if not ok:
+        raise ValueError(f"{field_name}: expected {expected}, got {got!r}")
 
 
 # Defaults come from the dataclasses themselves, so they are written down once.

@@ -2293,3 +2293,46 @@ def test_every_key_is_documented(name: str) -> None:
         f"{name} is not shown in config.example.yaml"
     )
     assert f"| `{name}` |" in DOCS.read_text(), f"{name} has no row in docs/configuration.md"
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        pytest.param(
+            lambda: ListenConfig(host="127.0.0.1", port=70000),
+            "ListenConfig.port: expected from 0 to 65535, got 70000",
+            id="port",
+        ),
+        pytest.param(
+            lambda: UpstreamConfig(url="ftp://x/e"),
+            "UpstreamConfig.url: expected an http:// or https:// URL, got 'ftp://x/e'",
+            id="upstream-url",
+        ),
+        pytest.param(
+            lambda: UpstreamConfig(url="http://x/e", idle_timeout=0),
+            "UpstreamConfig.idle_timeout: expected > 0, got 0",
+            id="idle-timeout",
+        ),
+        pytest.param(
+            lambda: RouteConfig(path="/e", upstream=UpstreamConfig(url="http://x/e"), buffer=0),
+            "RouteConfig.buffer: expected >= 1, got 0",
+            id="buffer",
+        ),
+        pytest.param(
+            lambda: RouteConfig(path="e", upstream=UpstreamConfig(url="http://x/e")),
+            "RouteConfig.path: expected a path starting with \"/\", got 'e'",
+            id="path",
+        ),
+        pytest.param(
+            lambda: Config(listen=ListenConfig(host="127.0.0.1", port=0), workers=0),
+            "Config.workers: expected >= 1, got 0",
+            id="workers",
+        ),
+    ],
+)
+def test_a_config_built_in_code_is_checked_at_construction(
+    build: Callable[[], object], message: str
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        build()
+    assert str(caught.value) == message
