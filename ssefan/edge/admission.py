@@ -104,7 +104,9 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class OpenStream:
-    channel: Channel
+    # None only for a HEAD on a template key without a live channel: a HEAD
+    # gets the stream's head and no body, and makes no channel.
+    channel: Channel | None
     cors_headers: Headers
     last_event_id: str | None
 
@@ -131,6 +133,7 @@ class Authorize:
     cors_headers: Headers
     last_event_id: str | None
     peer: str  # for logs
+    head: bool  # a HEAD request: no body, and no channel is made for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,15 +202,17 @@ def after_auth(
             content_type=decision.content_type,
         )
     return _capacity(server, target, cors_headers) or _open(
-        target, cors_headers, asked.last_event_id
+        target, cors_headers, asked.last_event_id, head=asked.head
     )
 
 
-def _open(target: Target, cors_headers: Headers, resume: str | None) -> OpenStream:
+def _open(target: Target, cors_headers: Headers, resume: str | None, *, head: bool) -> OpenStream:
     """The stream, on its channel: a key's is made now if it has none (the
     caller checked there is room), in the step that subscribes to it."""
-    channel = target if isinstance(target, Channel) else target.family.open(target.key)
-    return OpenStream(channel, cors_headers, resume)
+    if isinstance(target, Channel):
+        return OpenStream(target, cors_headers, resume)
+    family, key = target.family, target.key
+    return OpenStream(family.live(key) if head else family.open(key), cors_headers, resume)
 
 
 def _route_of(target: Target) -> RouteConfig:
@@ -325,7 +330,7 @@ def _stream(server: Server, target: Target, request: Incoming) -> Admission:
         return refused  # and no auth call for a stream that could not open anyway
     resume = last_event_id(request)
     if auth is None:
-        return _open(target, cors_headers, resume)
+        return _open(target, cors_headers, resume, head=request.method == b"HEAD")
     # Forward-auth is asked about the concrete path: a template's key is part
     # of what it decides (and of its cache key), so /jobs/1 never admits /jobs/2.
     path = route.path if isinstance(target, Channel) else target.family.path_of(target.key)
@@ -337,7 +342,9 @@ def _stream(server: Server, target: Target, request: Incoming) -> Admission:
         scheme=request.scheme,
         volatile_params=LAST_EVENT_ID_PARAMS,
     )
-    return Authorize(auth, credential, target, cors_headers, resume, request.peer)
+    return Authorize(
+        auth, credential, target, cors_headers, resume, request.peer, request.method == b"HEAD"
+    )
 
 
 def _capacity(server: Server, target: Target, cors_headers: Headers) -> Answer | None:

@@ -353,7 +353,7 @@ class HTTPConnection(asyncio.Protocol):
             self._write(conn.send(h11.EndOfMessage()))
             return
         head = conn.send(response_head(200, headers))
-        assert self.transport is not None
+        assert self.transport is not None and stream.channel is not None
         channel = stream.channel
         chunked = conn.their_http_version == b"1.1"
         subscriber = Subscriber(self.transport, chunked=chunked, on_close=self._stream_closed)
