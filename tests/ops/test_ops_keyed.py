@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from keyed_app import ROUTE, KeyedApp, keyed_config, progress, template_route
 from opsharness import Samples, admin_url, maybe, scrape, value
+from raw_http import http_request
 from sse_clients import SSEClient
 from ssefan_process import SsefanProcess, signal_proc, wait_log, write_config
 from waits import wait_until
@@ -130,4 +131,28 @@ def test_reload_with_a_new_buffer_keeps_every_keys_clients(
     finally:
         for client in clients:
             client.close()
+        proc.stop()
+
+
+def test_a_head_request_gets_the_streams_head_and_makes_no_channel(
+    keyed_app: KeyedApp, tmp_path: Path
+) -> None:
+    config = keyed_config(template_route(keyed_app, linger="60s"), admin={"listen": "127.0.0.1:0"})
+    proc = SsefanProcess(write_config(tmp_path / "s.yaml", config))
+    try:
+        proc.start()
+        admin = admin_url(proc)
+        head = f"HEAD {progress('peek')} HTTP/1.1\r\nHost: {proc.host}:{proc.port}\r\n"
+        answer = http_request(proc.host, proc.port, (head + "Connection: close\r\n\r\n").encode())
+        assert answer.status == 200 and answer.body == b""
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        route = {"route": ROUTE}
+        # No channel: one made for a HEAD would have no client to free it ever.
+        assert value(scrape(admin), "ssefan_channels", **route) == 0
+        assert value(scrape(admin), "ssefan_channels_opened_total", **route) == 0
+        client = stream(proc, "peek")
+        keyed_app.wait_connections("peek")
+        assert value(scrape(admin), "ssefan_channels_opened_total", **route) == 1
+        client.close()
+    finally:
         proc.stop()
