@@ -22,11 +22,21 @@ from typing import Any
 from .clients import LOWAT_NOTE
 from .common import plan_cpus, raise_nofile
 from .report import machine_info, targets, write_charts, write_json, write_markdown
-from .scenarios import Options, run_fanout, run_idle, run_slow, run_storm
+from .scenarios import (
+    KEYED_SERVERS,
+    Options,
+    run_fanout,
+    run_idle,
+    run_keyed,
+    run_keyed_churn,
+    run_keyed_idle,
+    run_slow,
+    run_storm,
+)
 from .servers import SERVER_KINDS, ensure_nchan
 
 BENCH = Path(__file__).resolve().parent
-SCENARIOS = ("fanout", "idle", "storm", "slow")
+SCENARIOS = ("fanout", "idle", "storm", "slow", "keyed", "keyed-idle", "keyed-churn")
 
 
 def _ints(text: str) -> list[int]:
@@ -55,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run scenarios and write the report")
     run.add_argument(
-        "--scenarios", type=_names(SCENARIOS), default=list(SCENARIOS), help="%(default)s"
+        "--scenarios",
+        type=_names(SCENARIOS),
+        help=f"{','.join(SCENARIOS)} (all; --smoke: fanout)",
     )
     run.add_argument(
         "--servers", type=_names(SERVER_KINDS), default=list(SERVER_KINDS), help="%(default)s"
@@ -69,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--idle-clients", type=_ints, help="idle stream counts (10000,20000)")
     run.add_argument("--storm-clients", type=int, help="reconnect storm clients (5000)")
     run.add_argument("--slow-clients", type=int, help="slow-reader scenario clients (5000)")
+    run.add_argument("--keys", type=int, help="keyed fan-out: keys on the template route (1000)")
+    run.add_argument("--clients-per-key", type=int, help="keyed fan-out and churn (10)")
+    run.add_argument("--key-rate", type=float, help="keyed and churn: events/s per key (10)")
+    run.add_argument("--idle-keys", type=int, help="keyed-idle: keys, one idle client each (10000)")
+    run.add_argument("--churn-keys", type=int, help="keyed-churn: keys of measured streams (100)")
+    run.add_argument("--churn-rate", type=float, help="keyed-churn: new keys opened per s (500)")
     run.add_argument("--naive-max-clients", type=int, default=10_000, help="%(default)s")
     run.add_argument("--duration", type=float, help="measured window seconds (8)")
     run.add_argument("--warmup", type=float, help="seconds at rate before a window (2)")
@@ -99,6 +117,12 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
             "idle": [50],
             "storm": 50,
             "slow": 200,
+            "keys": 5,
+            "clients_per_key": 2,
+            "key_rate": 20.0,
+            "idle_keys": 20,
+            "churn_keys": 2,
+            "churn_rate": 20.0,
             "duration": 3.0,
             "warmup": 1.0,
             "workers": 1,
@@ -110,6 +134,12 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
             "idle": [5000],
             "storm": 2000,
             "slow": 2000,
+            "keys": 500,
+            "clients_per_key": 10,
+            "key_rate": 10.0,
+            "idle_keys": 5000,
+            "churn_keys": 100,
+            "churn_rate": 500.0,
             "duration": 4.0,
             "warmup": 1.0,
             "workers": 2,
@@ -121,6 +151,12 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
             "idle": [10_000, 20_000],
             "storm": 5000,
             "slow": 5000,
+            "keys": 1000,
+            "clients_per_key": 10,
+            "key_rate": 10.0,
+            "idle_keys": 10_000,
+            "churn_keys": 100,
+            "churn_rate": 500.0,
             "duration": 8.0,
             "warmup": 2.0,
             "workers": 2,
@@ -131,6 +167,12 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
         "idle": args.idle_clients,
         "storm": args.storm_clients,
         "slow": args.slow_clients,
+        "keys": args.keys,
+        "clients_per_key": args.clients_per_key,
+        "key_rate": args.key_rate,
+        "idle_keys": args.idle_keys,
+        "churn_keys": args.churn_keys,
+        "churn_rate": args.churn_rate,
         "duration": args.duration,
         "warmup": args.warmup,
         "workers": args.workers,
@@ -150,11 +192,31 @@ def _describe(record: dict[str, Any]) -> str:
         f"{record['scenario']} {record['server']} n={record['clients']} r={record['rate']:g}",
         record.get("phase", ""),
     ]
+    if record.get("keys"):
+        parts.append(f"keys={record['keys']}x{record['clients_per_key']}")
     if "delivered_eps" in record:
         parts.append(
             f"{record['delivered_eps']:,.0f} ev/s p50={lat.get('p50')} p99={lat.get('p99')}"
             f" lost={record.get('lost')} dup={record.get('dup')}"
             f" behind={record.get('behind_at_end', 0)}"
+            f" cpu/delivery={record.get('cpu_us_per_delivery')}us"
+        )
+    if "upstream_per_key" in record:
+        per_key = record["upstream_per_key"]
+        parts.append(
+            f"upstream/key max={per_key['max_peak_streams']}"
+            f" keys_open={per_key['keys_open']}"
+            f" reopened={per_key['keys_accepted_more_than_once']}"
+        )
+    if "rss_per_idle_channel_kb" in record:
+        parts.append(f"rss/idle channel={record['rss_per_idle_channel_kb']} KiB")
+    if "churn" in record:
+        churn = record["churn"]
+        parts.append(
+            f"churn opened={churn['opened']} ssefan_opened={churn['ssefan_channels_opened']}"
+            f" closed={churn['ssefan_channels_closed']}"
+            f" upstream_opened={churn['upstream_connections_opened']}"
+            f" errors={churn['errors']}"
         )
     parts.append(
         f"cpu={record['server_cpu_pct']}% rss={record['server_rss_mb']}MB"
@@ -170,7 +232,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if cpu_plan.load:
         os.sched_setaffinity(0, cpu_plan.load)  # children (client workers) inherit it
     plan = _plan(args)
-    scenarios: list[str] = ["fanout"] if args.smoke else args.scenarios
+    scenarios: list[str] = args.scenarios or (["fanout"] if args.smoke else list(SCENARIOS))
     servers: list[str] = ["ssefan"] if args.smoke else args.servers
     started = datetime.datetime.now()
     out: Path = args.out or BENCH / "results" / started.strftime("%Y%m%d-%H%M%S")
@@ -211,6 +273,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         cap = args.naive_max_clients
         if any(n > cap for n in plan["clients"]):
             notes.append(f"naive baseline capped at {cap:,} clients (--naive-max-clients)")
+    keyed_servers = [s for s in servers if s in KEYED_SERVERS]
+    if any(s.startswith("keyed") for s in scenarios):
+        skipped = [s for s in servers if s not in KEYED_SERVERS]
+        if skipped:
+            notes.append(
+                f"template-route scenarios skip {', '.join(skipped)} (no per-key channels);"
+                " keyed-churn runs ssefan only (it reads ssefan's channel metrics)"
+            )
     command = "python -m bench " + shlex.join(argv)
     meta: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
@@ -268,6 +338,38 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                     f"slow {kind} {plan['slow']}",
                     functools.partial(run_slow, opts, kind, plan["slow"]),
                 )
+        elif scenario == "keyed":
+            for kind in keyed_servers:
+                attempt(
+                    f"keyed {kind} {plan['keys']} keys x {plan['clients_per_key']}",
+                    functools.partial(
+                        run_keyed,
+                        opts,
+                        kind,
+                        plan["keys"],
+                        plan["clients_per_key"],
+                        plan["key_rate"],
+                    ),
+                )
+        elif scenario == "keyed-idle":
+            for kind in keyed_servers:
+                attempt(
+                    f"keyed-idle {kind} {plan['idle_keys']} keys",
+                    functools.partial(run_keyed_idle, opts, kind, plan["idle_keys"]),
+                )
+        elif scenario == "keyed-churn" and "ssefan" in servers:
+            attempt(
+                f"keyed-churn ssefan {plan['churn_rate']:g} keys/s",
+                functools.partial(
+                    run_keyed_churn,
+                    opts,
+                    "ssefan",
+                    plan["churn_keys"],
+                    plan["clients_per_key"],
+                    plan["key_rate"],
+                    plan["churn_rate"],
+                ),
+            )
     meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     meta["elapsed_seconds"] = round((datetime.datetime.now() - started).total_seconds())
     report = _write(out, meta, records)

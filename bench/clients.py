@@ -9,10 +9,16 @@ per answer). Parsing is the minimum needed for the checks:
   expected-next number (lost / duplicated / out-of-order counts);
 * sampled clients also read the publish time (CLOCK_MONOTONIC ns, shared by all
   processes) next to it and record publish -> receive latency;
-* chunked framing and comments are skipped by the regex, never decoded.
+* chunked framing and comments are skipped by the regex, never decoded;
+* on a template route each client subscribes to one key, and a C-level count
+  of its key's tag in each read tells an event of another key (``wrong_key``).
 
 Reads are split on the last complete event (a blank line), so an event cut in
 two by TCP is checked once, when whole.
+
+A worker can also *churn* (``churn_start`` / ``churn_stop``): open a new key at
+a steady rate, wait for the response head, stay a moment and leave -- the load
+of the key-churn scenario, next to the measured streams of other workers.
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .common import Histogram, raise_nofile
+from .common import Histogram, key_name, raise_nofile
 
-__all__ = ["ClientPool", "WorkerSpec"]
+__all__ = ["ChurnSpec", "ClientPool", "WorkerSpec"]
 
 SEQ_RE = re.compile(rb"\ndata: (\d+) ")
 LAT_RE = re.compile(rb"\ndata: (\d+) (\d+) ")
@@ -46,6 +52,9 @@ FULL_RE = re.compile(rb"\nid: ?([^\r\n]*)\r?\ndata: (\d+) (\d+) ")
 SLOW_RCVBUF = 4096
 CONNECT_CONCURRENCY = 256
 CONNECT_ATTEMPTS = 5
+# A churning client that has no response head this long after it began to
+# connect gives up (and counts as an error): far above any healthy answer.
+CHURN_HEAD_TIMEOUT = 5.0
 
 Reply = dict[str, Any]
 
@@ -70,6 +79,23 @@ class WorkerSpec:
     # SO_RCVLOWAT for clients that are neither sampled nor slow (0 = off): see
     # LOWAT_NOTE.
     lowat: int = 0
+    # This worker's first client is client number `offset` of the session
+    # (latency sampling and keys go by that number, so they spread evenly).
+    offset: int = 0
+    # Template routes: `path` has a "{key}"; client g subscribes to key
+    # key_name(g // per_key), so the clients of a key are numbered together.
+    keys: int = 0
+    per_key: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnSpec:
+    """The key-churn load: open a new key every 1/rate s, stay `dwell` s after the head."""
+
+    rate: float
+    dwell: float
+    # Key names are prefix + a running number: never one a measured client uses.
+    prefix: str
 
 
 LOWAT_NOTE = (
@@ -93,11 +119,14 @@ class Client(asyncio.Protocol):
         "head_done",
         "ids",
         "index",
+        "key_index",
+        "key_tag",
         "last_seq",
         "live_at",
         "lost",
         "missing",
         "ooo",
+        "path",
         "received",
         "replayed_at",
         "resume_header",
@@ -108,13 +137,30 @@ class Client(asyncio.Protocol):
         "tail",
         "transport",
         "w",
+        "wrong_key",
     )
 
-    def __init__(self, worker: Worker, index: int, *, sampled: bool, slow: bool) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        index: int,
+        *,
+        sampled: bool,
+        slow: bool,
+        path: str,
+        key_index: int = 0,
+        key: str = "",
+    ) -> None:
         self.w = worker
         self.index = index
         self.sampled = sampled
         self.slow = slow
+        self.path = path
+        # The index of this client's key in the upstream's publishing keys (0
+        # on a static route), and its key as it appears in each event's data.
+        self.key_index = key_index
+        self.key_tag = f" {key} x".encode() if key else b""
+        self.wrong_key = 0
         self.transport: asyncio.Transport | None = None
         self.fd = -1
         self.tail = b""
@@ -193,6 +239,12 @@ class Client(asyncio.Protocol):
             seqs = SEQ_RE.findall(data, start, end)
             if not seqs:
                 return
+        if self.key_tag:
+            # Each of this key's events carries its tag once; fewer tags than
+            # events means some event belongs to another key.
+            mine = data.count(self.key_tag, start, end)
+            if mine != len(seqs):
+                self.wrong_key += len(seqs) - mine
         self._check(seqs)
 
     # -- checks ---------------------------------------------------------------
@@ -266,6 +318,10 @@ class Client(asyncio.Protocol):
         triples = FULL_RE.findall(data, start, end)
         if not triples:
             return
+        if self.key_tag:
+            mine = data.count(self.key_tag, start, end)
+            if mine != len(triples):
+                self.wrong_key += len(triples) - mine
         if self.ids is not None:
             self.ids.extend((int(seq), ident) for ident, seq, _ in triples)
         if self.storming:
@@ -331,14 +387,25 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._window_events = 0.0
         self._window_cpu = 0.0
-        self.request = (
-            f"GET {spec.path} HTTP/1.1\r\nHost: {spec.host}:{spec.port}\r\n"
-            "Accept: text/event-stream\r\nCache-Control: no-cache\r\n"
-        ).encode()
+        self.churn: Churn | None = None
         for i in range(spec.count):
-            slow = bool(spec.slow_every) and i % spec.slow_every == spec.slow_every // 2
-            sampled = not slow and i % spec.sample_every == 0
-            client = Client(self, i, sampled=sampled, slow=slow)
+            g = spec.offset + i
+            slow = bool(spec.slow_every) and g % spec.slow_every == spec.slow_every // 2
+            sampled = not slow and g % spec.sample_every == 0
+            if spec.keys:
+                key_index = min(g // spec.per_key, spec.keys - 1)
+                key = key_name(key_index)
+                client = Client(
+                    self,
+                    i,
+                    sampled=sampled,
+                    slow=slow,
+                    path=spec.path.format(key=key),
+                    key_index=key_index,
+                    key=key,
+                )
+            else:
+                client = Client(self, i, sampled=sampled, slow=slow, path=spec.path)
             if spec.track_ids:
                 client.ids = collections.deque(maxlen=spec.id_memory)
             self.clients.append(client)
@@ -367,9 +434,16 @@ class Worker:
 
     # -- connecting -----------------------------------------------------------
 
+    def request(self, path: str) -> bytes:
+        spec = self.spec
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: {spec.host}:{spec.port}\r\n"
+            "Accept: text/event-stream\r\nCache-Control: no-cache\r\n"
+        ).encode()
+
     async def _open(self, client: Client, *, storm: bool = False) -> None:
         spec = self.spec
-        request = self.request + (client.resume_header if storm else b"") + b"\r\n"
+        request = self.request(client.path) + (client.resume_header if storm else b"") + b"\r\n"
         for attempt in range(CONNECT_ATTEMPTS):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
@@ -430,14 +504,16 @@ class Worker:
 
     def _loss(self) -> Reply:
         keep = [c for c in self.clients if not c.slow]
-        lossy = [c for c in keep if c.lost or c.dup or c.ooo][:3]
+        lossy = [c for c in keep if c.lost or c.dup or c.ooo or c.wrong_key][:3]
         return {
             "examples": [
                 {
                     "client": c.index,
+                    "path": c.path,
                     "lost": c.lost,
                     "dup": c.dup,
                     "ooo": c.ooo,
+                    "wrong_key": c.wrong_key,
                     "first_seq": c.first_seq,
                     "last_seq": c.last_seq,
                     "first_missing": sorted(c.missing)[:5] if c.missing else [],
@@ -448,6 +524,7 @@ class Worker:
             "lost": sum(c.lost for c in keep),
             "dup": sum(c.dup for c in keep),
             "ooo": sum(c.ooo for c in keep),
+            "wrong_key": sum(c.wrong_key for c in keep),
             "disconnects": self.disconnects,
             "open": sum(1 for c in keep if not c.closed),
         }
@@ -496,17 +573,32 @@ class Worker:
             if c.batched:
                 c.set_lowat(size)
 
-    async def drain(self, target: int, seconds: float) -> Reply:
+    async def drain(self, targets: list[int], seconds: float) -> Reply:
+        """Wait until every client has its key's last event (`targets` by key index)."""
         keep = [c for c in self.clients if not c.slow and c.head_done]
         self.set_lowat(False)
-        await self._wait(lambda: all(c.last_seq >= target for c in keep), seconds)
+        await self._wait(lambda: all(c.last_seq >= targets[c.key_index] for c in keep), seconds)
         self.set_lowat(True)
-        behind = [c for c in keep if c.last_seq < target]
+        behind = [c for c in keep if c.last_seq < targets[c.key_index]]
         return {
             "behind": len(behind),
-            "behind_events": sum(target - c.last_seq for c in behind),
+            "behind_events": sum(targets[c.key_index] - c.last_seq for c in behind),
             **self._loss(),
         }
+
+    # -- key churn ------------------------------------------------------------
+
+    def churn_start(self, spec: ChurnSpec) -> Reply:
+        if self.churn is not None:
+            return {"error": "already churning"}
+        self.churn = Churn(self, spec)
+        return {"started": True}
+
+    async def churn_stop(self) -> Reply:
+        if self.churn is None:
+            return {"error": "not churning"}
+        churn, self.churn = self.churn, None
+        return await churn.stop()
 
     # -- slow readers ---------------------------------------------------------
 
@@ -582,7 +674,11 @@ class Worker:
             elif name == "window_end":
                 reply = self.window_end()
             elif name == "drain":
-                reply = await self.drain(cmd["target"], cmd["timeout"])
+                reply = await self.drain(cmd["targets"], cmd["timeout"])
+            elif name == "churn_start":
+                reply = self.churn_start(ChurnSpec(**cmd["spec"]))
+            elif name == "churn_stop":
+                reply = await self.churn_stop()
             elif name == "stop_slow":
                 reply = self.stop_slow()
             elif name == "resume_slow":
@@ -600,6 +696,148 @@ class Worker:
             else:
                 reply = {"error": f"unknown command {name}"}
             self.conn.send(reply)
+
+
+class ChurnClient(asyncio.Protocol):
+    """One churning client: connects, waits for its response head, stays, leaves."""
+
+    __slots__ = ("buf", "churn", "head_at", "opened_at", "timer", "transport")
+
+    def __init__(self, churn: Churn) -> None:
+        self.churn = churn
+        self.opened_at = time.monotonic_ns()
+        self.head_at = 0
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_at:
+            return  # the stream's body (retry:, heartbeats): not what churn measures
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end >= 0:
+            self.head_at = time.monotonic_ns()
+            self.churn.on_head(self, self.buf[:end])
+            self.buf = b""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.churn.on_lost(self)
+
+    def leave(self) -> None:
+        """Close like a browser tab: a FIN, not a reset."""
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Churn:
+    """Opens key `prefix<n>` every 1/rate s until stopped; each client stays `dwell`.
+
+    The schedule is absolute (client n at start + n/rate), so a late loop
+    catches up rather than lowering the offered rate.
+    """
+
+    def __init__(self, worker: Worker, spec: ChurnSpec) -> None:
+        self.w = worker
+        self.spec = spec
+        self.loop = worker.loop
+        self.started = self.loop.time()
+        self.opened = 0
+        self.connected = 0
+        self.heads = 0
+        self.left = 0
+        self.open = 0
+        self.errors: dict[str, int] = {}
+        self.head_ms = Histogram()
+        self.max_late = 0.0
+        self.stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._opener = self.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        n = 0
+        while not self.stopping:
+            due = self.started + n / self.spec.rate
+            delay = due - self.loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            self.max_late = max(self.max_late, -delay)
+            task = self.loop.create_task(self._one(n))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            n += 1
+
+    def _error(self, what: str) -> None:
+        self.errors[what[:80]] = self.errors.get(what[:80], 0) + 1
+
+    async def _one(self, n: int) -> None:
+        self.opened += 1
+        client = ChurnClient(self)
+        spec = self.w.spec
+        try:
+            async with asyncio.timeout(CHURN_HEAD_TIMEOUT):
+                transport, _ = await self.loop.create_connection(
+                    lambda: client, spec.host, spec.port
+                )
+        except (OSError, TimeoutError) as exc:
+            self._error(f"connect: {type(exc).__name__}: {exc}")
+            return
+        self.connected += 1
+        self.open += 1
+        path = spec.path.format(key=f"{self.spec.prefix}{n}")
+        transport.write(self.w.request(path) + b"\r\n")
+        client.timer = self.loop.call_later(CHURN_HEAD_TIMEOUT, self._give_up, client)
+
+    def _give_up(self, client: ChurnClient) -> None:
+        if not client.head_at and client.transport is not None:
+            self._error("no response head in time")
+            client.transport.abort()
+
+    def on_head(self, client: ChurnClient, head: bytes) -> None:
+        if client.timer is not None:
+            client.timer.cancel()
+        if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+            self._error(head.split(b"\r\n", 1)[0].decode("latin-1"))
+            client.leave()
+            return
+        self.heads += 1
+        self.head_ms.add((client.head_at - client.opened_at) // 1000)
+        self.loop.call_later(self.spec.dwell, client.leave)
+
+    def on_lost(self, client: ChurnClient) -> None:
+        self.open -= 1
+        if client.timer is not None:
+            client.timer.cancel()
+        if client.head_at:
+            self.left += 1
+        elif not self.w.closing:
+            self._error("closed before its response head")
+
+    async def stop(self) -> Reply:
+        """Stop opening; wait for the open clients to leave; the counts."""
+        self.stopping = True
+        elapsed = self.loop.time() - self.started
+        await self._opener
+        await self.w._wait(
+            lambda: not self._tasks and self.open <= 0,
+            self.spec.dwell + CHURN_HEAD_TIMEOUT + 2.0,
+        )
+        return {
+            "seconds": elapsed,
+            "opened": self.opened,
+            "connected": self.connected,
+            "heads": self.heads,
+            "left": self.left,
+            "still_open": self.open,
+            "errors": self.errors,
+            "max_late_ms": round(self.max_late * 1000, 1),
+            "head_hist": self.head_ms.to_json(),
+        }
 
 
 def _worker_main(spec: WorkerSpec, conn: multiprocessing.connection.Connection) -> None:
@@ -672,7 +910,7 @@ def merge_windows(replies: list[Reply]) -> Reply:
 
 
 def sum_loss(replies: list[Reply]) -> Reply:
-    keys = ("lost", "dup", "ooo", "disconnects", "open")
+    keys = ("lost", "dup", "ooo", "wrong_key", "disconnects", "open")
     out: Reply = {k: sum(int(r.get(k, 0)) for r in replies) for k in keys}
     out["examples"] = [e for r in replies for e in r.get("examples", [])][:3]
     return out

@@ -20,6 +20,7 @@ __all__ = [
     "foreign_cpu",
     "foreign_cpu_seconds",
     "free_port",
+    "key_name",
     "plan_cpus",
     "proc_sample",
     "raise_nofile",
@@ -28,6 +29,15 @@ __all__ = [
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Loopback only: every socket the benchmark opens or listens on is on this address.
 HOST = "127.0.0.1"
+
+
+def key_name(index: int) -> str:
+    """The name of the index-th publishing key (template routes: `/jobs/<key>/progress`).
+
+    The synthetic upstream publishes on k0 .. kK-1 and the clients subscribe to
+    them by the same rule, so neither tells the other a list of names.
+    """
+    return f"k{index}"
 
 
 def raise_nofile() -> tuple[int, int]:

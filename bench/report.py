@@ -160,7 +160,8 @@ def targets(records: list[Record]) -> list[dict[str, Any]]:
                 "met": kb <= 3.0,
             }
         )
-    ours = [r for r in records if r["server"] == "ssefan"]
+    # Static routes only: a template route has one upstream per key (below).
+    ours = [r for r in records if r["server"] == "ssefan" and not r.get("keys")]
     if ours:
         counts = sorted({r["upstream_peak_connections"] for r in ours})
         out.append(
@@ -172,7 +173,136 @@ def targets(records: list[Record]) -> list[dict[str, Any]]:
                 "met": counts == [1],
             }
         )
+    out.extend(_fanout_vs_nchan_target(fan))
+    out.extend(_keyed_targets(records))
     return out
+
+
+def _fanout_vs_nchan_target(fan: list[Record]) -> list[dict[str, Any]]:
+    """Issue 12: at 1000 clients x 100/s, ssefan's p99 and CPU per delivery <= nchan's."""
+    s = _find(fan, server="ssefan", clients=1000, rate=100.0)
+    n = _find(fan, server="nchan", clients=1000, rate=100.0)
+    if s is None or n is None:
+        return []
+    sp, np_ = _lat(s, "p99"), _lat(n, "p99")
+    sc, nc = s.get("cpu_us_per_delivery"), n.get("cpu_us_per_delivery")
+    p99_ratio = sp / np_ if sp is not None and np_ else None
+    cpu_ratio = sc / nc if sc is not None and nc else None
+    return [
+        {
+            "target": "1,000 clients x 100/s: p99 and CPU per delivery <= nchan"
+            " (ratio: the larger of the two)",
+            "ssefan": f"p99 {_fmt(sp, 1)} ms, {_fmt(sc, 2)} us/delivery",
+            "nchan": f"p99 {_fmt(np_, 1)} ms, {_fmt(nc, 2)} us/delivery",
+            "ratio": max(p99_ratio or 0.0, cpu_ratio or 0.0) or None,
+            "met": p99_ratio is not None
+            and cpu_ratio is not None
+            and p99_ratio <= 1
+            and cpu_ratio <= 1,
+        }
+    ]
+
+
+def _keyed_targets(records: list[Record]) -> list[dict[str, Any]]:
+    """Issue 12's template-route targets (ratio column: the larger of the two)."""
+    out: list[dict[str, Any]] = []
+    keyed = [r for r in records if r["scenario"] == "keyed"]
+    k = _find(keyed, server="ssefan", phase="keyed")
+    st = _find(keyed, server="ssefan", phase="static")
+    nk = _find(keyed, server="nchan", phase="keyed")
+    if k is not None and st is not None:
+        ratio = k.get("cpu_per_delivery_vs_static")
+        out.append(
+            {
+                "target": f"CPU per delivery, {k['keys']:,} keys x {k['clients_per_key']}"
+                f" / one static route ({st['clients']:,} clients), {k['rate']:g}/s <= 1.3x",
+                "ssefan": f"{_fmt(k.get('cpu_us_per_delivery'), 2)} vs"
+                f" {_fmt(st.get('cpu_us_per_delivery'), 2)} us/delivery",
+                "nchan": f"keyed: {_fmt(nk.get('cpu_us_per_delivery'), 2)} us/delivery"
+                if nk
+                else "not run",
+                "ratio": ratio,
+                "met": ratio is not None and ratio <= 1.3,
+            }
+        )
+    idle = [r for r in records if r["scenario"] == "keyed-idle" and r.get("phase") == "keyed"]
+    si = _find(idle, server="ssefan")
+    ni = _find(idle, server="nchan")
+    if si is not None:
+        kb = si["rss_per_idle_channel_kb"]
+        out.append(
+            {
+                "target": f"RSS per idle channel at {si['keys']:,} keys"
+                " (minus as many idle clients on one static route) <= 16 KiB",
+                "ssefan": f"{kb:.2f} KiB",
+                "nchan": f"{ni['rss_per_idle_channel_kb']:.2f} KiB" if ni else "not run",
+                "ratio": kb / 16,
+                "met": kb <= 16,
+            }
+        )
+    ours = [r for r in records if r["server"] == "ssefan" and r.get("keys")]
+    if ours:
+        per_key = [r["upstream_per_key"] for r in ours]
+        peak = max(p["max_peak_streams"] for p in per_key)
+        missing = max(p["publishing_keys_without_stream"] for p in per_key)
+        reopened = max(p["keys_accepted_more_than_once"] for p in per_key)
+        churn = [r["churn"] for r in ours if "churn" in r]
+        churn_ok = all(
+            c["upstream_connections_opened"] == c["ssefan_channels_opened"] for c in churn
+        )
+        churn_text = "".join(
+            f"; churn: {c['upstream_connections_opened']} upstream connections for"
+            f" {c['ssefan_channels_opened']} keys opened"
+            for c in churn
+        )
+        out.append(
+            {
+                "target": "exactly one upstream connection per live key",
+                "ssefan": f"peak per key {peak}, live keys without one {missing},"
+                f" keys subscribed twice {reopened}{churn_text}",
+                "nchan": "publisher: 1 connection (push model)",
+                "ratio": None,
+                "met": peak == 1 and missing == 0 and reopened == 0 and churn_ok,
+            }
+        )
+        lossy = [r for r in ours if "lost" in r]
+        bad = sum(r["lost"] + r["dup"] + r["ooo"] + r.get("wrong_key", 0) for r in lossy)
+        behind = sum(r.get("behind_at_end", 0) for r in lossy)
+        if lossy:
+            out.append(
+                {
+                    "target": "template routes: zero loss (lost + dup + ooo + other key's events)",
+                    "ssefan": f"{bad} over {len(lossy)} windows, {behind} behind at end",
+                    "nchan": _keyed_loss(records, "nchan"),
+                    "ratio": None,
+                    "met": bad == 0 and behind == 0,
+                }
+            )
+    with_churn = _find(records, scenario="keyed-churn", phase="with churn")
+    without = _find(records, scenario="keyed-churn", phase="without churn")
+    if with_churn is not None and without is not None:
+        c = with_churn["churn"]
+        out.append(
+            {
+                "target": f"opening keys at {c['rate']:g}/s does not hold up existing streams"
+                " (p99 with churn / without; no numeric target)",
+                "ssefan": f"{_fmt(_lat(with_churn, 'p99'), 1)} vs"
+                f" {_fmt(_lat(without, 'p99'), 1)} ms",
+                "nchan": "not run",
+                "ratio": with_churn.get("p99_vs_without_churn"),
+                "met": None,
+            }
+        )
+    return out
+
+
+def _keyed_loss(records: list[Record], server: str) -> str:
+    mine = [r for r in records if r["server"] == server and r.get("keys") and "lost" in r]
+    if not mine:
+        return "not run"
+    bad = sum(r["lost"] + r["dup"] + r["ooo"] + r.get("wrong_key", 0) for r in mine)
+    behind = sum(r.get("behind_at_end", 0) for r in mine)
+    return f"{bad} over {len(mine)} windows, {behind} behind at end"
 
 
 # -- markdown ----------------------------------------------------------------
@@ -205,6 +335,9 @@ def write_markdown(out: Path, report: dict[str, Any]) -> str:
     _idle_table(records, add)
     _storm_table(records, add)
     _slow_table(records, add)
+    _keyed_table(records, add)
+    _keyed_idle_table(records, add)
+    _churn_table(records, add)
     if meta.get("notes"):
         add("### Notes")
         add("")
@@ -314,17 +447,18 @@ def _fanout_table(records: list[Record], add: Any) -> None:
     add("")
     add(
         "| server | clients | rate/s | delivered ev/s | lost | dup | ooo | behind | p50 ms"
-        " | p99 ms | max ms | server CPU % | server core busy % (softirq) | RSS MB"
-        " | RSS/conn KiB | upstream conns | upstream CPU % | clients CPU % | load core busy %"
-        " | other procs CPU % |"
+        " | p99 ms | max ms | server CPU % | CPU us/delivery | server core busy % (softirq)"
+        " | RSS MB | RSS/conn KiB | upstream conns | upstream CPU % | clients CPU %"
+        " | load core busy % | other procs CPU % |"
     )
-    add("|---" * 20 + "|")
+    add("|---" * 21 + "|")
     for r in sorted(fan, key=lambda r: (r["clients"], r["rate"], _order(r["server"]))):
         add(
             f"| {r['server']} | {r['clients']:,} | {r['rate']:g} | {_fmt(r['delivered_eps'])}"
             f" | {r['lost']} | {r['dup']} | {r['ooo']} | {r.get('behind_at_end', 0)}"
             f" | {_fmt(_lat(r, 'p50'), 1)} | {_fmt(_lat(r, 'p99'), 1)}"
             f" | {_fmt(_lat(r, 'max'), 0)} | {_fmt(r['server_cpu_pct'])}"
+            f" | {_fmt(r.get('cpu_us_per_delivery'), 2)}"
             f" | {_fmt(r['server_cpus_busy_pct'])} ({_fmt(r.get('server_cpus_softirq_pct'))})"
             f" | {_fmt(r['server_rss_mb'], 1)} | {_fmt(r['rss_per_conn_kb'], 2)}"
             f" | {_upstream_conns(r)} | {_fmt(r['upstream_cpu_pct'])}"
@@ -414,6 +548,132 @@ def _slow_table(records: list[Record], add: Any) -> None:
             f" | {_fmt(r['server_rss_mb'], 1)}"
             f" | {r.get('slow_cut_off_by_server', '-')} |"
         )
+    add("")
+
+
+def _per_key(r: Record) -> str:
+    """Upstream connections per key: the most any key had / keys that had none."""
+    if r["server"] == "nchan":
+        return "0 (+1 publisher)"
+    per_key = r.get("upstream_per_key")
+    if not per_key:
+        return _upstream_conns(r)
+    return (
+        f"{per_key['max_peak_streams']} max, {per_key['publishing_keys_without_stream']} keys"
+        f" without, {per_key['keys_accepted_more_than_once']} twice"
+    )
+
+
+def _layout(r: Record) -> str:
+    if r.get("keys"):
+        return f"{r['keys']:,} keys x {r['clients_per_key']}"
+    return f"one static route x {r['clients']:,}"
+
+
+def _keyed_table(records: list[Record], add: Any) -> None:
+    keyed = [r for r in records if r["scenario"] == "keyed"]
+    if not keyed:
+        return
+    r0 = keyed[0]
+    add(
+        f"### Template routes: keyed fan-out ({r0['rate']:g} events/s per key) and one static"
+        " route with the same deliveries"
+    )
+    add("")
+    add(
+        "| server | layout | delivered ev/s | upstream ev/s | lost | dup | ooo | other key"
+        " | behind | p50 ms | p99 ms | max ms | server CPU % | CPU us/delivery"
+        " | vs static | RSS MB | upstream connections per key | upstream CPU % |"
+    )
+    add("|---" * 18 + "|")
+    for r in sorted(keyed, key=lambda r: (_order(r["server"]), r.get("phase") != "keyed")):
+        add(
+            f"| {r['server']} | {_layout(r)} | {_fmt(r['delivered_eps'])}"
+            f" | {_fmt(r['published_eps'])} | {r['lost']} | {r['dup']} | {r['ooo']}"
+            f" | {r.get('wrong_key', 0)} | {r.get('behind_at_end', 0)}"
+            f" | {_fmt(_lat(r, 'p50'), 1)} | {_fmt(_lat(r, 'p99'), 1)} | {_fmt(_lat(r, 'max'), 0)}"
+            f" | {_fmt(r['server_cpu_pct'])} | {_fmt(r.get('cpu_us_per_delivery'), 2)}"
+            f" | {_fmt(r.get('cpu_per_delivery_vs_static'), 2)}"
+            f" | {_fmt(r['server_rss_mb'], 1)} | {_per_key(r)} | {_fmt(r['upstream_cpu_pct'])} |"
+        )
+    add("")
+
+
+def _keyed_idle_table(records: list[Record], add: Any) -> None:
+    idle = [r for r in records if r["scenario"] == "keyed-idle"]
+    if not idle:
+        return
+    add("### Template routes: idle channels (one idle client per key vs one static route)")
+    add("")
+    add(
+        "| server | layout | RSS before MB | RSS after MB | grown MB | RSS/stream KiB"
+        " | RSS per idle channel KiB | upstream connections per key |"
+    )
+    add("|---|---|---|---|---|---|---|---|")
+    for r in sorted(idle, key=lambda r: (_order(r["server"]), r.get("phase") != "keyed")):
+        grown = (r["server_rss_bytes"] - r["rss_before_bytes"]) / 2**20
+        add(
+            f"| {r['server']} | {_layout(r)} | {_fmt(r['rss_before_mb'], 1)}"
+            f" | {_fmt(r['server_rss_mb'], 1)} | {_fmt(grown, 1)} | {_fmt(r['rss_per_conn_kb'], 2)}"
+            f" | {_fmt(r.get('rss_per_idle_channel_kb'), 2)} | {_per_key(r)} |"
+        )
+    add("")
+
+
+def _churn_table(records: list[Record], add: Any) -> None:
+    churn = [r for r in records if r["scenario"] == "keyed-churn"]
+    with_churn = _find(churn, phase="with churn")
+    if not churn or with_churn is None:
+        return
+    c = with_churn["churn"]
+    add(
+        f"### Template routes: key churn ({_layout(with_churn)} at {with_churn['rate']:g}/s"
+        f" measured; new keys at {c['rate']:g}/s, each client {c['dwell_s']:g} s,"
+        f" linger {c['linger_s']:g} s)"
+    )
+    add("")
+    add(
+        "| phase | delivered ev/s | p50 ms | p99 ms | max ms | lost | dup | ooo | behind"
+        " | server CPU % | CPU us/delivery | RSS MB |"
+    )
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(churn, key=lambda r: r.get("phase") == "with churn"):
+        add(
+            f"| {r.get('phase', '')} | {_fmt(r['delivered_eps'])} | {_fmt(_lat(r, 'p50'), 1)}"
+            f" | {_fmt(_lat(r, 'p99'), 1)} | {_fmt(_lat(r, 'max'), 0)} | {r['lost']} | {r['dup']}"
+            f" | {r['ooo']} | {r.get('behind_at_end', '-')} | {_fmt(r['server_cpu_pct'])}"
+            f" | {_fmt(r.get('cpu_us_per_delivery'), 2)} | {_fmt(r['server_rss_mb'], 1)} |"
+        )
+    add("")
+    head = c["head_ms"]
+    closed = ", ".join(f"{k} {v}" for k, v in c["ssefan_channels_closed"].items()) or "0"
+    errors = ", ".join(f"{k}: {v}" for k, v in c["errors"].items()) or "none"
+    add("| churn | value |")
+    add("|---|---|")
+    add(
+        f"| new keys opened by clients (per s) | {c['opened']:,} ({_fmt(c['opened_per_s'], 1)}/s"
+        f" over {_fmt(c['seconds'], 1)} s; schedule late by <= {_fmt(c['max_late_ms'], 1)} ms) |"
+    )
+    add(f"| response heads 200 / errors | {c['heads']:,} / {errors} |")
+    add(
+        f"| time to response head ms p50 / p99 / max | {_fmt(head.get('p50'), 1)}"
+        f" / {_fmt(head.get('p99'), 1)} / {_fmt(head.get('max'), 1)} |"
+    )
+    add(
+        f"| ssefan channels opened / closed (reason) | {c['ssefan_channels_opened']:,} / {closed} |"
+    )
+    add(
+        f"| upstream connections opened / keys opened | {c['upstream_connections_opened']:,}"
+        f" / {c['upstream_keys_opened']:,} |"
+    )
+    add(
+        f"| after linger: ssefan channels / upstream streams open | {c['ssefan_channels_at_end']}"
+        f" / {c['upstream_open_at_end']} |"
+    )
+    add(
+        "| keys subscribed upstream more than once (whole session) |"
+        f" {c['upstream_per_key_at_end']['keys_accepted_more_than_once']} |"
+    )
     add("")
 
 

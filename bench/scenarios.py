@@ -7,10 +7,16 @@ has its response head, then runs phases. Each measured phase is a window of
 the drain that follows (publishing stops, every client must reach the last
 published event). Everything the session started is stopped on exit, even on
 error.
+
+A *keyed* session (``keys=K``) puts the server's template route in front of the
+synthetic upstream's per-key feeds: client g subscribes to key g // (N/K), the
+upstream publishes R events/s on each of the K keys, and every check (loss,
+order, the drain, another key's event) is per key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -19,10 +25,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from .clients import ClientPool, WorkerSpec, merge_windows, split_clients, sum_loss
+from .clients import (
+    ChurnSpec,
+    ClientPool,
+    WorkerSpec,
+    merge_windows,
+    split_clients,
+    sum_loss,
+)
 from .common import (
     HOST,
     CpuPlan,
+    Histogram,
     ProcSample,
     busy_percent,
     cpu_busy,
@@ -33,7 +47,22 @@ from .common import (
 from .profile import Profiler
 from .servers import NchanServer, ServerBase, SsefanServer, UpstreamProcess, make_server
 
-__all__ = ["Options", "Session", "run_fanout", "run_idle", "run_slow", "run_storm"]
+__all__ = [
+    "KEYED_SERVERS",
+    "Options",
+    "Session",
+    "run_fanout",
+    "run_idle",
+    "run_keyed",
+    "run_keyed_churn",
+    "run_keyed_idle",
+    "run_slow",
+    "run_storm",
+]
+
+# Servers with per-key channels: ssefan's template route, nchan's channel ids.
+# (starlette's baseline has one route; naive has no fan-out to key.)
+KEYED_SERVERS = ("ssefan", "nchan")
 
 # SO_RCVLOWAT for the clients that don't sample latency (about 30 events).
 LOWAT = 8192
@@ -69,6 +98,10 @@ class Options:
     quiet_wait: float = 20.0
     quiet_budget: float = 300.0
     latency_sample: float = 0.05
+    # Template routes: a key's channel is freed this long after its last client.
+    key_linger: float = 1.0
+    # Key churn: each churning client stays this long after its response head.
+    churn_dwell: float = 0.2
     profile: bool = False
     lowat: bool = True
     notes: list[str] = field(default_factory=list)
@@ -77,14 +110,28 @@ class Options:
         """A server process can hold at most RLIMIT_NOFILE minus a margin sockets."""
         limit = self.nofile - 100
         if n > limit:
-            note = (
+            self.note(
                 f"{n} clients requested but RLIMIT_NOFILE hard limit is {self.nofile}:"
                 f" ran {limit} (raise the hard limit to go higher)"
             )
-            if note not in self.notes:
-                self.notes.append(note)
             return limit
         return n
+
+    def cap_idle_keys(self, n: int) -> int:
+        """One idle client per key costs ssefan two sockets (client + upstream)."""
+        limit = (self.nofile - 200) // 2
+        if n > limit:
+            self.note(
+                f"{n} idle keys requested but RLIMIT_NOFILE hard limit is {self.nofile} and"
+                f" each key costs ssefan two sockets (client, upstream): ran {limit} keys"
+                " (and the static comparison with as many clients)"
+            )
+            return limit
+        return n
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +159,8 @@ class Session:
         scenario: str,
         slow_every: int = 0,
         full_parse: bool = False,
+        keys: int = 0,
+        tag: str = "",
     ) -> None:
         self.opts = opts
         self.kind = kind
@@ -120,11 +169,15 @@ class Session:
         self.requested = clients
         self.slow_every = slow_every
         self.full_parse = full_parse
-        self.workdir = opts.workdir / f"{scenario}-{kind}-{clients}"
+        # Template route: K keys, the clients in blocks of per_key per key.
+        self.keys = min(keys, self.n)
+        self.per_key = math.ceil(self.n / self.keys) if self.keys else 0
+        self.workdir = opts.workdir / f"{scenario}-{kind}-{clients}{'-' + tag if tag else ''}"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.server: ServerBase | None = None
         self.upstream: UpstreamProcess | None = None
         self.pool: ClientPool | None = None
+        self.churn: ClientPool | None = None
         self.rss_before = 0
         self.waited_for_quiet = 0.0
         self.connect: dict[str, Any] = {}
@@ -151,8 +204,18 @@ class Session:
         opts, plan = self.opts, self.opts.plan
         self.waited_for_quiet = wait_quiet(min(opts.quiet_wait, opts.quiet_budget))
         opts.quiet_budget -= self.waited_for_quiet
-        server = make_server(self.kind, self.workdir, plan.server, opts.nofile)
+        server = make_server(
+            self.kind,
+            self.workdir,
+            plan.server,
+            opts.nofile,
+            keyed=bool(self.keys),
+            linger=opts.key_linger,
+        )
         self.server = server
+        if self.keys and not server.key_path:
+            raise ValueError(f"{self.kind} has no per-key channels (template routes)")
+        path = server.key_path if self.keys else server.path
         # The naive baseline's server *is* the upstream: it gets the server CPU.
         upstream_cpus = plan.server if self.kind == "naive" else plan.load
         publish_to = ""
@@ -162,20 +225,23 @@ class Session:
         self.upstream = UpstreamProcess(
             self.workdir, upstream_cpus, size=opts.payload, publish_to=publish_to
         )
+        if self.keys:
+            self.upstream.set_rate(0, keys=self.keys)
         if not isinstance(server, NchanServer):
             server.start(self.upstream)
-        if self.kind in ("ssefan", "starlette"):
+        if self.kind in ("ssefan", "starlette") and not self.keys:
             self._wait(lambda: self.upstream_stats()["streams"] >= 1, 30.0, "upstream subscription")
         time.sleep(1.0)  # let the server settle before the RSS baseline
         self.rss_before = _sum_samples(server.pids).rss
         per_worker = split_clients(self.n, self.opts.workers if self.n >= 200 else 1)
+        offsets = [sum(per_worker[:i]) for i in range(len(per_worker))]
         sample_every = self._sample_every()
         specs = [
             WorkerSpec(
                 index=i,
                 host=HOST,
                 port=server.port,
-                path=server.path,
+                path=path,
                 count=count,
                 sample_every=sample_every,
                 slow_every=self.slow_every,
@@ -183,6 +249,9 @@ class Session:
                 track_ids=self.full_parse and self.kind == "nchan",
                 id_memory=opts.storm_back + 50,
                 lowat=LOWAT if opts.lowat and self.n >= 1000 and not self.full_parse else 0,
+                offset=offsets[i],
+                keys=self.keys,
+                per_key=self.per_key,
             )
             for i, count in enumerate(per_worker)
         ]
@@ -199,6 +268,17 @@ class Session:
             "errors": errors,
             "seconds": round(time.monotonic() - started, 2),
         }
+        if self.keys and self.kind == "ssefan":
+            # Heads may come before a key's upstream stream is up: start
+            # measuring once every key has its subscription (or say how many
+            # never got one).
+            self._wait(
+                lambda: self.upstream_stats()["per_key"]["publishing_keys_without_stream"] == 0,
+                30.0,
+                "an upstream subscription for every key",
+                fail=False,
+            )
+            self.connect["keys_subscribed_seconds"] = round(time.monotonic() - started, 2)
 
     def _sample_every(self) -> int:
         wanted = max(50, math.ceil(self.n * self.opts.latency_sample))
@@ -206,6 +286,9 @@ class Session:
         return max(1, self.n // wanted)
 
     def close(self) -> None:
+        if self.churn is not None:
+            self.churn.close()
+            self.churn = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None
@@ -219,12 +302,16 @@ class Session:
     # -- helpers --------------------------------------------------------------
 
     @staticmethod
-    def _wait(condition: Any, timeout: float, what: str) -> None:
+    def _wait(condition: Any, timeout: float, what: str, *, fail: bool = True) -> bool:
+        """Poll `condition`; on timeout raise (or, with fail=False, return False)."""
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
+                if fail:
+                    raise TimeoutError(f"timed out waiting for {what}")
+                return False
             time.sleep(0.1)
+        return True
 
     def upstream_stats(self) -> dict[str, Any]:
         assert self.upstream is not None
@@ -260,8 +347,11 @@ class Session:
             "connect_errors": self.connect.get("errors", {}),
             "connect_seconds": self.connect.get("seconds", 0),
             "rate": rate,
+            "keys": self.keys,
+            "clients_per_key": self.per_key,
             "payload": self.opts.payload,
             "rss_before_mb": round(self.rss_before / 2**20, 1),
+            "rss_before_bytes": self.rss_before,
             "waited_for_quiet_s": self.waited_for_quiet,
         }
 
@@ -275,6 +365,7 @@ class Session:
             "published_eps": round(published / dt, 1),
             "server_cpu_pct": round(100 * (s1.server.cpu - s0.server.cpu) / dt, 1),
             "server_rss_mb": round(s1.server.rss / 2**20, 1),
+            "server_rss_bytes": s1.server.rss,
             "rss_per_conn_kb": round((s1.server.rss - self.rss_before) / max(1, self.n) / 1024, 2),
             "upstream_connections": up["streams"],
             "upstream_peak_connections": up["peak_streams"],
@@ -297,11 +388,20 @@ class Session:
             record["upstream_connections"] = 0
             record["publisher_connections"] = 1
             record["publisher"] = up.get("publisher")
+        if self.keys:
+            record["upstream_per_key"] = up["per_key"]
         if window is not None:
             record["events"] = window["events"]
             record["delivered_eps"] = round(window["events"] / dt, 1)
             record["clients_cpu_pct"] = round(100 * window["cpu"] / dt, 1)
             record["latency_ms"] = window["latency"].summary_ms()
+            # Microseconds of server CPU (user + system) per event delivered
+            # to a client: the cost that template routes must keep near a
+            # static route's.
+            if window["events"]:
+                record["cpu_us_per_delivery"] = round(
+                    1e6 * (s1.server.cpu - s0.server.cpu) / window["events"], 2
+                )
         return record
 
     # -- phases ---------------------------------------------------------------
@@ -348,8 +448,11 @@ class Session:
             loss1 = self.drain()
             record["behind_at_end"] = loss1["behind"]
             record["behind_events_at_end"] = loss1["behind_events"]
-        for key in ("lost", "dup", "ooo", "disconnects"):
+        for key in ("lost", "dup", "ooo", "wrong_key", "disconnects"):
             record[key] = loss1[key] - loss0[key]
+        if drain:
+            # Since the clients connected (windows count only their own span).
+            record["session_loss"] = {k: loss1[k] for k in ("lost", "dup", "ooo", "wrong_key")}
         record["open_at_end"] = loss1["open"]
         if loss1.get("examples"):
             record["loss_examples"] = loss1["examples"]
@@ -379,9 +482,9 @@ class Session:
     def drain(self) -> dict[str, Any]:
         self.set_rate(0)
         time.sleep(0.2)
-        target = self.upstream_stats()["seq"]
+        targets = self.upstream_stats()["key_seqs"]  # the last event of each key
         replies = self.call(
-            {"cmd": "drain", "target": target, "timeout": self.opts.drain_timeout},
+            {"cmd": "drain", "targets": targets, "timeout": self.opts.drain_timeout},
             timeout=self.opts.drain_timeout + 60,
         )
         return {
@@ -389,6 +492,30 @@ class Session:
             "behind_events": sum(r["behind_events"] for r in replies),
             **sum_loss(replies),
         }
+
+    # -- key churn ------------------------------------------------------------
+
+    def churn_start(self, rate: float) -> None:
+        """A client process of its own opens new keys at `rate`/s until churn_stop()."""
+        assert self.server is not None and self.churn is None
+        spec = WorkerSpec(
+            index=self.opts.workers,
+            host=HOST,
+            port=self.server.port,
+            path=self.server.key_path,
+            count=0,
+            sample_every=1,
+        )
+        self.churn = ClientPool([spec])
+        churn = ChurnSpec(rate=rate, dwell=self.opts.churn_dwell, prefix="churn")
+        self.churn.call({"cmd": "churn_start", "spec": dataclasses.asdict(churn)})
+
+    def churn_stop(self) -> dict[str, Any]:
+        assert self.churn is not None
+        (reply,) = self.churn.call({"cmd": "churn_stop"}, timeout=60.0)
+        self.churn.close()
+        self.churn = None
+        return reply
 
     def idle(self) -> Record:
         self.set_rate(0)
@@ -510,3 +637,123 @@ def _storm_summary(replies: list[dict[str, Any]], back: int) -> Record:
         "replayed_ms": stats("replayed_ms"),
         "live_ms": stats("live_ms"),
     }
+
+
+# -- template routes ------------------------------------------------------------
+
+
+def run_keyed(opts: Options, kind: str, keys: int, per_key: int, rate: float) -> list[Record]:
+    """K keys x C clients at R/s per key; for ssefan also one static route with
+    the same clients and rate (same total deliveries) to compare CPU per delivery."""
+    n = keys * per_key
+    with Session(opts, kind, n, scenario="keyed", keys=keys) as session:
+        keyed = session.steady(rate, label="keyed")
+    records = [keyed]
+    if kind == "ssefan":
+        with Session(opts, kind, n, scenario="keyed", tag="static") as session:
+            static = session.steady(rate, label="static")
+        keyed["cpu_per_delivery_vs_static"] = _ratio(
+            keyed.get("cpu_us_per_delivery"), static.get("cpu_us_per_delivery")
+        )
+        records.append(static)
+    return records
+
+
+def run_keyed_idle(opts: Options, kind: str, keys: int) -> list[Record]:
+    """N keys x 1 idle client, then N idle clients on one static route: the
+    difference is what a key's channel itself costs (ring empty)."""
+    n = opts.cap_idle_keys(keys)
+    with Session(opts, kind, n, scenario="keyed-idle", keys=n) as session:
+        keyed = session.idle()
+        keyed["phase"] = "keyed"
+    with Session(opts, kind, n, scenario="keyed-idle", tag="static") as session:
+        static = session.idle()
+        static["phase"] = "static"
+    grown_keyed = keyed["server_rss_bytes"] - keyed["rss_before_bytes"]
+    grown_static = static["server_rss_bytes"] - static["rss_before_bytes"]
+    keyed["rss_per_idle_channel_kb"] = round((grown_keyed - grown_static) / max(1, n) / 1024, 2)
+    # The same from absolute RSS (includes the two processes' baseline difference).
+    keyed["rss_per_idle_channel_abs_kb"] = round(
+        (keyed["server_rss_bytes"] - static["server_rss_bytes"]) / max(1, n) / 1024, 2
+    )
+    return [keyed, static]
+
+
+CHANNELS = "ssefan_channels"
+CHANNELS_OPENED = "ssefan_channels_opened_total"
+CHANNELS_CLOSED = "ssefan_channels_closed_total"
+
+
+def _metric(metrics: dict[str, float], name: str) -> float:
+    """The sum of a family's samples (e.g. over reasons)."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+def _closed_by_reason(metrics: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith(CHANNELS_CLOSED + "{") and 'reason="' in key:
+            reason = key.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = out.get(reason, 0.0) + value
+    return out
+
+
+def run_keyed_churn(
+    opts: Options, kind: str, keys: int, per_key: int, rate: float, churn_rate: float
+) -> list[Record]:
+    """Existing streams (K keys x C clients at R/s) measured without, then with,
+    new keys opened at `churn_rate`/s (each client stays churn_dwell, each key
+    lingers key_linger after it)."""
+    if kind != "ssefan":
+        raise ValueError("keyed-churn reads ssefan's channel metrics: ssefan only")
+    with Session(opts, kind, keys * per_key, scenario="keyed-churn", keys=keys) as session:
+        without = session.steady(rate, drain=False, label="without churn")
+        m0 = session.server_metrics()
+        u0 = session.upstream_stats()
+        session.churn_start(churn_rate)
+        session.settle(opts.warmup)
+        with_churn = session.window(rate, drain=True, label="with churn")
+        churned = session.churn_stop()
+        # Every churned key's channel is freed key_linger after its client left.
+        session._wait(
+            lambda: _metric(session.server_metrics(), CHANNELS) <= session.keys,
+            opts.key_linger + 10.0,
+            "the churned keys' channels to close",
+            fail=False,
+        )
+        m1 = session.server_metrics()
+        u1 = session.upstream_stats()
+    closed0, closed1 = _closed_by_reason(m0), _closed_by_reason(m1)
+    head = Histogram.from_json(churned.pop("head_hist"))
+    opened = int(_metric(m1, CHANNELS_OPENED) - _metric(m0, CHANNELS_OPENED))
+    accepted = u1["accepted_streams"] - u0["accepted_streams"]
+    with_churn["churn"] = {
+        "rate": churn_rate,
+        "dwell_s": opts.churn_dwell,
+        "linger_s": opts.key_linger,
+        **churned,
+        "opened_per_s": round(churned["opened"] / max(churned["seconds"], 0.1), 1),
+        "head_ms": head.summary_ms(),
+        "ssefan_channels_opened": opened,
+        "ssefan_channels_closed": {
+            reason: int(closed1[reason] - closed0.get(reason, 0.0))
+            for reason in sorted(closed1)
+            if closed1[reason] - closed0.get(reason, 0.0)
+        },
+        "ssefan_channels_at_end": int(_metric(m1, CHANNELS)),
+        "upstream_connections_opened": accepted,
+        "upstream_keys_opened": u1["per_key"]["keys_accepted"] - u0["per_key"]["keys_accepted"],
+        "upstream_open_at_end": u1["streams"],
+        "upstream_per_key_at_end": u1["per_key"],
+    }
+    with_churn["p99_vs_without_churn"] = _ratio(
+        (with_churn.get("latency_ms") or {}).get("p99"),
+        (without.get("latency_ms") or {}).get("p99"),
+    )
+    return [without, with_churn]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return round(a / b, 3)

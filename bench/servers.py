@@ -121,6 +121,8 @@ class UpstreamProcess:
         line = self.managed.wait_for_line("upstream listening on")
         self.port = int(line.rsplit(" ", 1)[1])
         self.url = f"http://{HOST}:{self.port}/events"
+        # A template route's upstream: the app's per-key stream.
+        self.keyed_url = f"http://{HOST}:{self.port}/jobs/{{job}}/progress"
 
     @property
     def pid(self) -> int:
@@ -129,8 +131,11 @@ class UpstreamProcess:
     def stats(self) -> dict[str, object]:
         return _get_json(f"http://{HOST}:{self.port}/stats")
 
-    def set_rate(self, rate: float) -> dict[str, object]:
-        return _get_json(f"http://{HOST}:{self.port}/control?rate={rate:g}")
+    def set_rate(self, rate: float, keys: int | None = None) -> dict[str, object]:
+        """R events/s per key from now on; `keys` switches the publishing feeds
+        (0: the static /events, K: the keys k0 .. kK-1)."""
+        query = f"rate={rate:g}" + (f"&keys={keys}" if keys is not None else "")
+        return _get_json(f"http://{HOST}:{self.port}/control?{query}")
 
     def stop(self) -> None:
         self.managed.stop()
@@ -141,6 +146,8 @@ class ServerBase:
 
     kind = ""
     path = "/events"
+    # A template route's client path ("{key}" is a key's name); "" = none.
+    key_path = ""
     # A server that takes events from the synthetic publisher (nchan) rather
     # than subscribing to the synthetic upstream's stream.
     publisher_path = ""
@@ -170,25 +177,54 @@ class ServerBase:
 
 class SsefanServer(ServerBase):
     kind = "ssefan"
+    key_path = "/jobs/{key}/progress"
+    # The template route as ssefan's metrics label it.
+    template = "/jobs/{job}/progress"
+    # A template route's ring per key: the issue's example size. 1000 keys x
+    # 200 events x ~250 B stays far under ring_bytes_total (256 MiB).
+    KEY_BUFFER = 200
+    # Live keys ssefan may hold: above every scenario's keys + lingering ones.
+    MAX_CHANNELS = 20_000
 
-    def __init__(self, workdir: Path, cpus: frozenset[int] | None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        cpus: frozenset[int] | None,
+        *,
+        keyed: bool = False,
+        linger: float = 1.0,
+    ) -> None:
         self.workdir = workdir
         self.cpus = cpus
+        self.keyed = keyed
+        self.linger = linger
         self.managed: Managed | None = None
         self.admin_port = free_port()
 
-    def config_text(self, upstream_url: str) -> str:
+    def config_text(self, upstream: UpstreamProcess) -> str:
         # Keys are ssefan's config dataclass fields; defaults everywhere else.
         # No drain window: the benchmark's clients are gone before it stops ssefan.
-        return (
+        head = (
             "listen: 127.0.0.1:0\n"
             "max_clients: 100000\n"
             "drain_window: 0s\n"
             "shutdown_timeout: 5s\n"
             f"admin: {{listen: {HOST}:{self.admin_port}}}\n"
             "routes:\n"
+        )
+        if self.keyed:
+            # One channel (ring, heartbeat, upstream subscription) per key,
+            # freed `linger` after the key's last client.
+            return head.replace("routes:", f"max_channels: {self.MAX_CHANNELS}\nroutes:") + (
+                f"  - path: {self.template}\n"
+                f"    upstream: {upstream.keyed_url}\n"
+                f"    buffer: {self.KEY_BUFFER}\n"
+                "    heartbeat: 15s\n"
+                f"    linger: {self.linger * 1000:.0f}ms\n"
+            )
+        return head + (
             "  - path: /events\n"
-            f"    upstream: {upstream_url}\n"
+            f"    upstream: {upstream.url}\n"
             "    buffer: 1000\n"
             "    heartbeat: 15s\n"
         )
@@ -212,7 +248,7 @@ class SsefanServer(ServerBase):
     def start(self, upstream: UpstreamProcess | None) -> None:
         assert upstream is not None
         config = self.workdir / "ssefan.yaml"
-        config.write_text(self.config_text(upstream.url))
+        config.write_text(self.config_text(upstream))
         argv = [sys.executable, "-m", "ssefan", "serve", "--config", str(config)]
         self.managed = Managed("ssefan", argv, self.workdir, self.cpus)
         line = self.managed.wait_for_line("ssefan listening on http://")
@@ -337,6 +373,20 @@ http {{
             nchan_message_buffer_length 2000;
             nchan_message_timeout 1h;
         }}
+        # Per-key channels (template routes' counterpart): /sub/<key>, /pub/<key>.
+        location ~ ^/sub/([A-Za-z0-9_-]+)$ {{
+            nchan_subscriber eventsource;
+            nchan_channel_id $1;
+            nchan_subscriber_first_message newest;
+            nchan_message_buffer_length {key_buffer};
+            nchan_message_timeout 1h;
+        }}
+        location ~ ^/pub/([A-Za-z0-9_-]+)$ {{
+            nchan_publisher;
+            nchan_channel_id $1;
+            nchan_message_buffer_length {key_buffer};
+            nchan_message_timeout 1h;
+        }}
     }}
 }}
 """
@@ -347,6 +397,7 @@ class NchanServer(ServerBase):
 
     kind = "nchan"
     path = "/sub"
+    key_path = "/sub/{key}"
     publisher_path = "/pub"
 
     def __init__(self, workdir: Path, cpus: frozenset[int] | None, nofile: int) -> None:
@@ -373,6 +424,7 @@ class NchanServer(ServerBase):
                 connections=2 * self.nofile,
                 host=HOST,
                 port=self.port,
+                key_buffer=SsefanServer.KEY_BUFFER,
             )
         )
         error_log = f"{self.workdir}/error.log"
@@ -400,9 +452,18 @@ class NchanServer(ServerBase):
             self.managed.stop(signal.SIGTERM)  # nginx: fast shutdown
 
 
-def make_server(kind: str, workdir: Path, cpus: frozenset[int] | None, nofile: int) -> ServerBase:
+def make_server(
+    kind: str,
+    workdir: Path,
+    cpus: frozenset[int] | None,
+    nofile: int,
+    *,
+    keyed: bool = False,
+    linger: float = 1.0,
+) -> ServerBase:
+    """The server under test; `keyed`: ssefan serves the template route instead."""
     if kind == "ssefan":
-        return SsefanServer(workdir, cpus)
+        return SsefanServer(workdir, cpus, keyed=keyed, linger=linger)
     if kind == "naive":
         return NaiveServer()
     if kind == "starlette":

@@ -87,3 +87,59 @@ def test_smoke_run_reports_zero_loss_and_one_upstream_connection(tmp_path: Path)
 
     upstream_target = next(t for t in report["targets"] if "upstream connection" in t["target"])
     assert upstream_target["met"] is True
+
+
+@pytest.mark.slow
+def test_smoke_keyed_run_has_one_upstream_connection_per_key(tmp_path: Path) -> None:
+    """5 keys x 2 clients on ssefan's template route, then one static route."""
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "run",
+            "--smoke",
+            "--scenarios",
+            "keyed",
+            "--duration",
+            "1.5",
+            "--warmup",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((out / "results.json").read_text())
+    records = {r["phase"]: r for r in report["records"]}
+    assert set(records) == {"keyed", "static"}
+    keyed, static = records["keyed"], records["static"]
+    assert (keyed["keys"], keyed["clients_per_key"], keyed["clients"]) == (5, 2, 10)
+    assert (static["keys"], static["clients"]) == (0, 10)
+    for record in (keyed, static):
+        assert record.keys() >= RECORD_KEYS | {"cpu_us_per_delivery"}, RECORD_KEYS - record.keys()
+        assert record["connected"] == record["clients"]
+        assert record["delivered_eps"] > 0 and record["cpu_us_per_delivery"] > 0
+        # Each client got its own key's events, all of them, once, in order.
+        assert (record["lost"], record["dup"], record["ooo"], record["wrong_key"]) == (0, 0, 0, 0)
+        assert record["behind_at_end"] == 0 and record["disconnects"] == 0
+    # The upstream publishes R events/s on each key.
+    assert keyed["published_eps"] > 4 * static["published_eps"]
+    # One upstream subscription per key: every key had one, none had two.
+    per_key = keyed["upstream_per_key"]
+    assert per_key["keys_open"] == per_key["keys_accepted"] == 5
+    assert per_key["max_peak_streams"] == 1
+    assert per_key["keys_accepted_more_than_once"] == 0
+    assert per_key["publishing_keys_without_stream"] == 0
+    assert keyed["upstream_peak_connections"] == 5
+    assert static["upstream_peak_connections"] == 1
+    assert keyed["cpu_per_delivery_vs_static"] > 0
+    targets = {t["target"].split(",")[0]: t for t in report["targets"]}
+    assert targets["exactly one upstream connection per live key"]["met"] is True
+    assert "Template routes: keyed fan-out" in (out / "table.md").read_text()
