@@ -32,6 +32,7 @@ class Inbox:
         "_eof",
         "_error",
         "_high_water",
+        "_loop",
         "_paused",
         "_size",
         "_transport",
@@ -47,6 +48,9 @@ class Inbox:
         self._error: BaseException | None = None
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        # Looked up once: asyncio.get_running_loop() checks the pid (a system
+        # call) every time, and a get() waits once per read.
+        self._loop = asyncio.get_running_loop()
 
     def put(self, data: bytes) -> None:
         if self._eof or self._error is not None:
@@ -76,7 +80,7 @@ class Inbox:
                 raise self._error
             if self._eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 import socket
@@ -432,6 +433,12 @@ async def run(
     sock = worker.listener(config) if worker is not None else systemd_listener()
     if sock is not None and worker is None:
         log.info("serving on the socket systemd passed; the config's listen address is not bound")
+    # What start-up made (modules, the config) lives as long as the process:
+    # out of the collector's way, so that its full passes walk only what
+    # serving makes. Before listening: a signal sent once the listening line
+    # is logged must find the handlers in place, not a collection.
+    gc.collect()
+    gc.freeze()
     app = App(config)
     await app.start(sock, announce=worker is None)
     if setup is not None:

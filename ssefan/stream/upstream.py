@@ -68,6 +68,9 @@ READ_SIZE = READ_WINDOW
 # a 0 ms retry must not turn a failing app into a busy loop.
 MIN_RETRY_BASE = 0.1
 USER_AGENT = "ssefan"
+# One generator for every upstream's backoff jitter: a Random's state is
+# 2.5 KiB, which ten thousand template keys would each carry.
+_JITTER = random.Random()
 
 
 class Sink(Protocol):
@@ -127,7 +130,7 @@ class Upstream:
         self.last_failure: LastFailure | None = None
         self.streaming_since: float | None = None
         self._task: asyncio.Task[None] | None = None
-        self._rng = random.Random()
+        self._rng = _JITTER
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -317,19 +320,27 @@ class Upstream:
         return headers
 
     async def _converse(self, connection: OriginConnection) -> int | None:
+        """One request and its response, under the read-idle watchdog."""
+        watchdog = _Watchdog(self.config.idle_timeout)
+        try:
+            return await self._exchange(connection, watchdog)
+        except asyncio.CancelledError:
+            if not watchdog.fired():
+                raise
+            raise UpstreamFailure(FailureKind.IDLE_TIMEOUT, self._idle_text()) from None
+        finally:
+            watchdog.stop()
+
+    async def _exchange(self, connection: OriginConnection, watchdog: _Watchdog) -> int | None:
         request = h11.Request(method="GET", target=self.target, headers=self._request_headers())
         connection.write(request)
         connection.write(h11.EndOfMessage())
-        idle = self.config.idle_timeout
         parser: Parser | None = None
         while True:
             event = connection.next_event()
             if event is h11.NEED_DATA:
-                try:
-                    async with asyncio.timeout(idle):
-                        await connection.read(READ_SIZE)
-                except TimeoutError:
-                    raise UpstreamFailure(FailureKind.IDLE_TIMEOUT, self._idle_text()) from None
+                await connection.read(READ_SIZE)
+                watchdog.fed()
                 if parser is not None and not self._publish_ready(connection, parser):
                     return None
                 continue
@@ -435,6 +446,53 @@ class Upstream:
     def _classify(self, exc: BaseException) -> tuple[FailureKind, str]:
         """The kind and a sentence for an exception that ended an attempt."""
         return classify(exc, self.origin)
+
+
+class _Watchdog:
+    """The read-idle watchdog of one upstream connection.
+
+    A read only notes the time (`fed`); one timer checks it and cancels the
+    reading task after `idle` seconds without a byte. An `asyncio.timeout`
+    around every read would make a timer and several pid checks per read, a
+    cost per event that a template route with many quiet keys pays in full.
+    """
+
+    __slots__ = ("_fired", "_handle", "_idle", "_last", "_loop", "_task")
+
+    def __init__(self, idle: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._idle = idle
+        self._last = self._loop.time()
+        self._fired = False
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(idle, self._check)
+
+    def fed(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        silent = self._loop.time() - self._last
+        if silent < self._idle:
+            self._handle = self._loop.call_later(self._idle - silent, self._check)
+            return
+        self._handle = None
+        self._fired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def fired(self) -> bool:
+        """Whether the watchdog cancelled the task (then undone: the caller
+        raises the idle failure instead of being cancelled)."""
+        task = self._task
+        if not self._fired or task is None or task.cancelling() > 1:
+            return False  # someone else cancelled it too (stop()): that one wins
+        task.uncancel()
+        return True
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _status_text(status: int) -> str:
