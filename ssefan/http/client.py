@@ -56,7 +56,8 @@ class OriginClosed(ConnectionError):
     request may never have been seen, so an idempotent one can be retried.
     """
 
-    def __init__(self, message: str, *, early: bool) -> None:
+    # `early` has a default so that copy.copy can rebuild it (flow.fresh).
+    def __init__(self, message: str, early: bool = False) -> None:
         super().__init__(message)
         self.early = early
 

@@ -12,6 +12,7 @@ reading from one side is paused while the other side is not taking bytes.
 from __future__ import annotations
 
 import asyncio
+import copy
 
 __all__ = ["INBOX_HIGH_WATER", "READ_WINDOW", "Inbox", "WriteGate"]
 
@@ -22,6 +23,22 @@ READ_WINDOW = 64 * 1024
 # Bytes received but not yet consumed before reading pauses: one read window,
 # small enough that 10 000 stalled exchanges pin < 1 GiB.
 INBOX_HIGH_WATER = READ_WINDOW
+
+
+def fresh(stored: BaseException) -> BaseException:
+    """A copy of a stored error, to raise in its place.
+
+    Raising the stored instance ties its traceback to it: the raising frames,
+    which hold the object that stores it, and so a reference cycle per failed
+    connection that only a full collection frees (a pause for every client).
+    """
+    try:
+        copied = copy.copy(stored)
+    except Exception:  # an exception type that can't be rebuilt: raise it as it is
+        return stored
+    copied.__cause__ = stored.__cause__
+    copied.__suppress_context__ = stored.__suppress_context__
+    return copied
 
 
 class Inbox:
@@ -77,7 +94,7 @@ class Inbox:
         """Everything buffered, waiting for bytes if there are none; b"" at EOF."""
         while not self._chunks:
             if self._error is not None:
-                raise self._error
+                raise fresh(self._error)
             if self._eof:
                 return b""
             self._waiter = self._loop.create_future()
@@ -145,7 +162,7 @@ class WriteGate:
         """
         while True:
             if self._error is not None:
-                raise self._error
+                raise fresh(self._error)
             if not self._paused:
                 return
             self._waiter = asyncio.get_running_loop().create_future()

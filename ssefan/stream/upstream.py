@@ -221,6 +221,15 @@ class Upstream:
         return self._rng.uniform(0, ceiling)
 
     async def _run(self) -> None:
+        try:
+            await self._reconnect_loop()
+        except asyncio.CancelledError:
+            # stop(): end quietly. A task that ends cancelled keeps its
+            # CancelledError, whose traceback holds the frames that hold this
+            # upstream and its channel: a reference cycle per stopped key.
+            return
+
+    async def _reconnect_loop(self) -> None:
         attempt = 0
         while True:
             self._set_state(UpstreamState.CONNECTING)
