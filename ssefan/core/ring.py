@@ -10,6 +10,9 @@ No asyncio, no sockets: time is passed in by the caller.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable, Sequence
+from itertools import accumulate, islice
+from typing import Any
 from zlib import crc32
 
 __all__ = ["Ring", "RingBudget"]
@@ -248,6 +251,107 @@ class Ring:
         """Take over `other`'s memory of evicted ids (a rebuilt ring)."""
         self._evicted.update(other._evicted)
 
+    def evicted_memory(self) -> tuple[list[str], list[int]]:
+        """The evicted-id memory: the ids, oldest first, and the CRC-32 of each's
+        encoded bytes (two lists, so a snapshot makes no tuple per id)."""
+        return list(self._evicted), list(self._evicted.values())
+
+    def remember_evicted(self, ids: Iterable[str], digests: Iterable[int]) -> None:
+        """Add ids with their CRC-32s to the evicted-id memory, as if evicted
+        in this order (a restored ring); past its bound the oldest are forgotten."""
+        evicted = self._evicted
+        evicted.update(zip(ids, digests, strict=True))
+        excess = len(evicted) - self._evicted_cap
+        if excess > 0:
+            for event_id in list(islice(evicted, excess)):
+                del evicted[event_id]
+
+    def held(self) -> tuple[list[str], list[bytes], list[float]]:
+        """The held events' ids, encoded bytes and times, oldest first (copies
+        of the lists, sharing the bytes: a snapshot takes them in one go)."""
+        n, slots = len(self), self._slots
+        i = self.first_seq % slots
+        if i + n <= slots:
+            return self._ids[i : i + n], self._data[i : i + n], self._times[i : i + n]
+        j = i + n - slots
+        return (
+            self._ids[i:] + self._ids[:j],
+            self._data[i:] + self._data[:j],
+            self._times[i:] + self._times[:j],
+        )
+
+    def restore(self, ids: Sequence[str], data: Sequence[bytes], times: Sequence[float]) -> None:
+        """Append many events to an empty ring at once (a restored ring).
+
+        The outcome is that of `append` for each in turn (the same seqs, the
+        same events held within the bounds, the same evicted-id memory, oldest
+        first) but for an id carried by two of them, which is remembered as
+        its newest's only; it costs list copies rather than a Python call per
+        event. `times` must not decrease.
+
+        Raises:
+            ValueError: the ring holds events, or the lists differ in length.
+        """
+        n = len(ids)
+        if len(self):
+            raise ValueError(f"restore into a ring holding {len(self)} events")
+        if len(data) != n or len(times) != n:
+            raise ValueError("restore: ids, data and times differ in length")
+        if not n:
+            return
+        # What the count bound would evict at once: never placed, only remembered.
+        drop = max(0, n - self._cap)
+        if drop:
+            gone = [i for i in range(drop) if ids[i]]
+            self.remember_evicted([ids[i] for i in gone], [crc32(data[i]) for i in gone])
+            ids, data, times = ids[drop:], data[drop:], times[drop:]
+            n -= drop
+        first = self.first_seq + drop
+        slots = self._slots
+        while slots < n:
+            slots = min(self._cap, slots * 2)
+        starts = list(accumulate(map(len, data), initial=self.total_bytes))
+        columns: list[tuple[list[Any], Sequence[Any]]] = [
+            ([b""] * slots, data),
+            ([""] * slots, ids),
+            ([0.0] * slots, times),
+            ([0] * slots, starts[:-1]),
+        ]
+        # Seq s lives at s % slots: the run wraps at most once.
+        i = first % slots
+        head = min(n, slots - i)
+        for column, values in columns:
+            column[i : i + head] = values[:head]
+            column[: n - head] = values[head:]
+        self._data, self._ids, self._times, self._starts = (c for c, _ in columns)
+        self._slots = slots
+        self.first_seq, self.next_seq = first, first + n
+        self.total_bytes = starts[-1]
+        index = self._index
+        index.update(zip(ids, range(first, first + n), strict=True))
+        index.pop("", None)
+        budget = self._budget
+        if budget is not None:
+            budget.held += starts[-1] - starts[0]
+        while self.held_bytes > self._max_bytes and len(self) > 1:
+            self._evict_oldest()
+        self.expire(times[-1])
+        if budget is not None and budget.held > budget.limit:
+            budget.reclaim()
+
+    def start_at(self, seq: int) -> None:
+        """Number an empty ring's next event `seq` (a restored or rebuilt ring
+        keeps the numbering its cursors and ids were made with).
+
+        Raises:
+            ValueError: the ring holds events, or `seq` is negative.
+        """
+        if len(self):
+            raise ValueError(f"start_at({seq}) on a ring holding {len(self)} events")
+        if seq < 0:
+            raise ValueError(f"start_at({seq}): seqs are >= 0")
+        self.first_seq = self.next_seq = seq
+
     def resized(self, *, max_events: int, max_bytes: int, max_age: float) -> Ring:
         """A ring with other bounds holding this one's events and evicted-id
         memory under the same seqs, so a cursor into this ring means the same
@@ -257,7 +361,7 @@ class Ring:
         self.release()  # the new ring counts these bytes instead
         ring = Ring(max_events=max_events, max_bytes=max_bytes, max_age=max_age, budget=budget)
         ring.remember_evicted_of(self)
-        ring.first_seq = ring.next_seq = self.first_seq
+        ring.start_at(self.first_seq)
         for seq in range(self.first_seq, self.next_seq):
             ring.append(self.id_at(seq), self.join(seq, seq + 1), self.time_at(seq))
         return ring

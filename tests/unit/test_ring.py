@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
+from zlib import crc32
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ssefan.core.ring import EVICTED_MEMORY_MIN, RECLAIM_TO, Ring, RingBudget
 
@@ -147,3 +152,83 @@ def test_budget_evicts_oldest_of_the_rings_holding_most_and_keeps_each_newest() 
     assert (len(a), len(b)) == (1, 1) and tiny.held == 160  # the newest always stays
     a.release()
     assert tiny.held == 80 and a not in tiny.rings
+
+
+def test_an_empty_ring_can_start_at_any_seq_and_numbers_on_from_there() -> None:
+    ring = Ring(max_events=4, max_bytes=1 << 20, max_age=0)
+    ring.start_at(2**40)
+    for i in range(6):
+        assert ring.append(f"id{i}", f"e{i};".encode(), now=0) == 2**40 + i
+    assert (ring.first_seq, ring.next_seq) == (2**40 + 2, 2**40 + 6)
+    assert ring.join(ring.first_seq, ring.next_seq) == b"e2;e3;e4;e5;"
+    with pytest.raises(ValueError, match="holding 4 events"):
+        ring.start_at(0)
+    ring.clear()
+    with pytest.raises(ValueError, match="seqs are >= 0"):
+        ring.start_at(-1)
+
+
+def test_the_evicted_memory_reads_out_and_back_in_oldest_first_within_its_bound() -> None:
+    ring = filled(12, max_events=10)
+    assert ring.evicted_memory() == (["id0", "id1"], [crc32(b"e0;"), crc32(b"e1;")])
+    other = Ring(max_events=1, max_bytes=1 << 20, max_age=0)
+    other.remember_evicted(*ring.evicted_memory())
+    assert other.evicted_memory() == ring.evicted_memory()
+    assert other.holds_copy("id1", b"e1;") and not other.holds_copy("id1", b"other")
+    many = [f"x{i}" for i in range(EVICTED_MEMORY_MIN + 5)]
+    other.remember_evicted(many, range(len(many)))
+    assert other.evicted_memory() == (many[5:], list(range(5, len(many))))  # oldest go first
+
+
+@settings(max_examples=200)
+@given(
+    sizes=st.lists(st.integers(0, 40), max_size=60),
+    gaps=st.data(),
+    max_events=st.integers(1, 20),
+    max_bytes=st.integers(1, 400),
+    max_age=st.sampled_from([0, 5.0]),
+    start=st.integers(0, 10**12),
+    unnamed=st.sets(st.integers(0, 59)),
+)
+def test_a_bulk_restore_ends_where_one_append_per_event_does(
+    sizes: list[int],
+    gaps: st.DataObject,
+    max_events: int,
+    max_bytes: int,
+    max_age: float,
+    start: int,
+    unnamed: set[int],
+) -> None:
+    """Ring.restore against the appends it stands for: seqs, held events, the
+    id index, the evicted-id memory and the bytes, for any bounds (ids are
+    distinct or empty: a reused id is the one case it documents as different)."""
+    ids = ["" if n in unnamed else f"id{n}" for n in range(len(sizes))]
+    data = [bytes([n % 256]) * size for n, size in enumerate(sizes)]
+    steps = gaps.draw(st.lists(st.floats(0, 3), min_size=len(sizes), max_size=len(sizes)))
+    times = list(accumulate(steps))
+    one_by_one, bulk = (
+        Ring(max_events=max_events, max_bytes=max_bytes, max_age=max_age) for _ in range(2)
+    )
+    for ring in (one_by_one, bulk):
+        ring.start_at(start)
+        ring.remember_evicted(["before"], [7])
+    for event_id, raw, t in zip(ids, data, times, strict=True):
+        one_by_one.append(event_id, raw, t)
+    bulk.restore(ids, data, times)
+    assert (bulk.first_seq, bulk.next_seq) == (one_by_one.first_seq, one_by_one.next_seq)
+    assert bulk.held() == one_by_one.held()
+    assert bulk._index == one_by_one._index
+    assert bulk.evicted_memory() == one_by_one.evicted_memory()
+    assert bulk.held_bytes == one_by_one.held_bytes
+    for seq in range(bulk.first_seq, bulk.next_seq):
+        assert bulk.take(seq, 1) == one_by_one.take(seq, 1)
+
+
+def test_a_bulk_restore_counts_its_bytes_against_the_budget() -> None:
+    budget = RingBudget(limit=100)
+    ring = Ring(max_events=100, max_bytes=1 << 20, max_age=0, budget=budget)
+    ring.restore([f"id{n}" for n in range(30)], [b"0123456789"] * 30, [0.0] * 30)
+    assert budget.held == ring.held_bytes <= 100 * RECLAIM_TO
+    assert ring.newest_id == "id29" and ring.was_evicted("id0")
+    with pytest.raises(ValueError, match="holding"):
+        ring.restore(["x"], [b""], [0.0])
