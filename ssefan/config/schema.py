@@ -258,6 +258,14 @@ class Config:
     shutdown_timeout: float = 30 * SECONDS
     # READY=1 goes to systemd once every eager upstream streams, or after this.
     ready_timeout: float = 10 * SECONDS
+    # Where each channel's ring is kept across restarts (a snapshot at a clean
+    # stop, a journal written every state_sync between). None: rings start
+    # empty after a restart. The loader's default is $STATE_DIRECTORY, which
+    # systemd sets for the unit's StateDirectory=.
+    state_dir: str | None = None
+    # How often the journals are written: what a SIGKILL can lose at most.
+    # 1 s: one write() per channel per second, never one per event.
+    state_sync: float = 1 * SECONDS
     # The file the config came from, for messages; "<string>" when built in code.
     source: str = "<string>"
 

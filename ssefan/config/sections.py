@@ -4,6 +4,8 @@ list of routes, with the checks across them.
 
 from __future__ import annotations
 
+import os
+
 from ssefan.config.keys import _ADMIN_KEYS, _CONFIG_KEYS, _MISPLACED_AT_TOP, _PROXY_KEYS
 from ssefan.config.net import _app_origin, _listen, _network
 from ssefan.config.reader import _Reader, _Section, _written
@@ -72,12 +74,26 @@ def _read_config(reader: _Reader, raw: object) -> Config | None:
             "shutdown_timeout", _duration(positive=True), d.shutdown_timeout
         ),
         ready_timeout=section.get("ready_timeout", _duration(positive=True), d.ready_timeout),
+        state_dir=section.get("state_dir", _optional(_state_dir), _default_state_dir()),
+        state_sync=section.get("state_sync", _duration(positive=True), d.state_sync),
         source=reader.source,
     )
     _check_shutdown(reader, section, config)
     if listen is not None and admin is not None:
         _check_admin_listen(reader, listen, admin.listen)
     return None if listen is None or routes is None else config
+
+
+def _state_dir(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _BadValue(f'expected a directory path like "/var/lib/ssefan", got {_show(value)}')
+    return value
+
+
+def _default_state_dir() -> str | None:
+    """systemd's StateDirectory= (the first, if it lists several), else none."""
+    first = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return first or None
 
 
 def _check_shutdown(reader: _Reader, section: _Section, config: Config) -> None:

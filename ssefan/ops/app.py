@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from ssefan import __version__
 from ssefan.config import Config, RouteConfig, UpstreamConfig
 from ssefan.core.cursors import DisconnectReason
+from ssefan.core.persist import ChannelId
 from ssefan.core.ring import RingBudget
 from ssefan.core.template import is_template
 from ssefan.edge.auth import ForwardAuth, forward_auth, forward_auths, unused_pools
@@ -40,6 +41,7 @@ from ssefan.ops.sockets import LISTEN_BACKLOG, http_url, listen_error, systemd_l
 from ssefan.ops.worker import WorkerEnv
 from ssefan.stream.channel import Channel, StreamBudget
 from ssefan.stream.keyed import KEY_GONE_STATUSES, ChannelBudget, CloseReason, KeyedChannels
+from ssefan.stream.persistence import Persistence
 from ssefan.stream.upstream import Upstream, UpstreamCounts, UpstreamState
 
 __all__ = ["App", "new_event_loop", "run", "serve"]
@@ -58,8 +60,11 @@ AUTH_RELOAD_WINDOW = 2.0
 class App:
     """One running ssefan: the listener, a channel and an upstream per route."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, worker: int = 0) -> None:
         self.config = config
+        self.worker = worker  # the supervisor's worker index (0 alone): state files are per worker
+        # Rings kept across restarts (state_dir), made at start.
+        self.persistence: Persistence | None = None
         self.channels: dict[str, Channel] = {}
         # max_clients across every route, counted by the channels themselves.
         self.budget = StreamBudget(config.max_clients)
@@ -86,6 +91,15 @@ class App:
         """Listen and subscribe. `announce` logs the "listening on" line (a
         supervisor's workers leave that line to the supervisor)."""
         loop = asyncio.get_running_loop()
+        if self.config.state_dir is not None:
+            self.persistence = Persistence(
+                self.config.state_dir,
+                state_sync=self.config.state_sync,
+                worker=self.worker,
+                loop=loop,
+            )
+            self.persistence.remove_stale(self._keeps_state)
+        # Rings are restored here, before the listener accepts anyone.
         for route in self.config.routes:
             self._add_route(route)
         self.proxy = Proxy(self.config) if self.config.app is not None else None
@@ -120,6 +134,8 @@ class App:
             channel.start()
         for auth in self.auth.values():
             auth.start()
+        if self.persistence is not None:
+            self.persistence.start()
         routes = ", ".join(f"{r.path} <- {r.upstream.url}" for r in self.config.routes)
         if announce:
             log.info("ssefan listening on %s (routes: %s)", self.url, routes or "none")
@@ -129,8 +145,9 @@ class App:
     def _add_route(self, route: RouteConfig) -> Channel | None:
         """A static route's channel (to start), or a template route's owner (None)."""
         loop = asyncio.get_running_loop()
+        persistence = self.persistence
         if is_template(route.path):
-            self.keyed[route.path] = KeyedChannels(
+            family = KeyedChannels(
                 route,
                 loop=loop,
                 budget=self.budget,
@@ -138,11 +155,24 @@ class App:
                 ring_budget=self.ring_budget,
                 make_source=self._key_upstream,
             )
+            if persistence is not None:
+                family.on_open = lambda channel, key: persistence.attach(
+                    channel, family.route, family.display(key)
+                )
+                family.on_free = persistence.forget
+            self.keyed[route.path] = family
             return None
         channel = Channel(route, loop=loop, budget=self.budget, ring_budget=self.ring_budget)
         channel.attach_source(self._new_upstream(route, channel))
+        if persistence is not None:
+            persistence.attach(channel, route)
         self.channels[route.path] = channel
         return channel
+
+    def _keeps_state(self, identity: ChannelId) -> bool:
+        """Whether a state file belongs to a route (and worker) of this config."""
+        paths = {route.path for route in self.config.routes}
+        return identity.route in paths and identity.worker < self.config.workers
 
     def _key_upstream(
         self, channel: Channel, upstream: UpstreamConfig, label: str, counts: UpstreamCounts
@@ -251,6 +281,8 @@ class App:
             channel = self.channels.pop(path)
             self.upstreams.pop(path, None)
             channel.close(DisconnectReason.DRAIN)  # clients reconnect and get 404
+            if self.persistence is not None:
+                self.persistence.forget(channel)  # and its state files go
         for route in change.kept:
             if route.path in self.keyed:
                 # Keys whose upstream is unchanged keep their channel and clients.
@@ -400,6 +432,10 @@ class App:
             self.listener.close()
         for task in list(self._tasks):
             task.cancel()
+        if self.persistence is not None:
+            # Before anything closes: every ring's final snapshot.
+            await self.persistence.save_all(within=max(0.5, grace))
+            self.persistence.drop_unsaved_keys(self.keyed)
         upstreams = list(self.upstreams.values())
         for family in self.keyed.values():
             upstreams += [c.source for c in family if isinstance(c.source, Upstream)]
@@ -439,7 +475,7 @@ async def run(
     # is logged must find the handlers in place, not a collection.
     gc.collect()
     gc.freeze()
-    app = App(config)
+    app = App(config, worker=worker.index if worker is not None else 0)
     await app.start(sock, announce=worker is None)
     if setup is not None:
         await setup(app)

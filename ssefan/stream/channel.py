@@ -68,6 +68,13 @@ class Source(Protocol):
     def stop(self) -> None: ...
 
 
+class Recording(Protocol):
+    """What keeps a channel's ring across restarts (stream.persistence)."""
+
+    def record(self, start_seq: int) -> None:
+        """The ring took seqs [start_seq, next_seq); the last upstream id may have moved."""
+
+
 class StreamBudget:
     """Streams open at once across one process's channels, against `max_clients`.
 
@@ -175,6 +182,8 @@ class Channel:
         self.on_vacancy: Callable[[bool], None] | None = None
         self.on_idle: Callable[[], None] | None = None
         self.on_stopped: Callable[[int], None] | None = None
+        # With state_dir: journals what the ring takes (stream.persistence).
+        self.recorder: Recording | None = None
         self.source: Source | None = None
         # True after the app answered 204: streams end and new clients get 204.
         self.stopped_by_upstream = False
@@ -395,7 +404,10 @@ class Channel:
     def publish(self, items: Iterable[Event | IdOnly | Overflow]) -> None:
         """Append one upstream read's worth of events and fan them out."""
         now = self.clock()
+        start = self.ring.next_seq
         accepted = self.intake.accept(items, now)
+        if self.recorder is not None:
+            self.recorder.record(start)
         for item in accepted.overflows:
             self._count_overflow(item)
         self.stats.duplicates_dropped += accepted.replays

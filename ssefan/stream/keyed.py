@@ -122,6 +122,9 @@ class KeyedChannels:
         self.route = route
         self.template, self.upstream_template = _parse(route)
         channel_budget.families.append(self)
+        # The owner's hooks (state_dir): a key's channel was made, or freed.
+        self.on_open: Callable[[Channel, ChannelKey], None] | None = None
+        self.on_free: Callable[[Channel], None] | None = None
 
     # -- matching -------------------------------------------------------------
 
@@ -141,6 +144,10 @@ class KeyedChannels:
     def path_of(self, key: ChannelKey) -> str:
         """The concrete path of a key (its path part): what forward-auth is asked about."""
         return self.template.display(dict(key)).partition("?")[0]
+
+    def display(self, key: ChannelKey) -> str:
+        """The key's concrete path (and query), keys encoded: one string per key."""
+        return self.template.display(dict(key))
 
     def label(self, key: ChannelKey) -> str:
         """How logs name a key's channel: the template and the key."""
@@ -211,6 +218,8 @@ class KeyedChannels:
         channel.on_vacancy = lambda vacant: self._vacancy(key, channel, vacant)
         channel.on_stopped = lambda status: self._stopped(key, channel, status)
         channel.attach_source(self.make_source(channel, upstream, label, self.upstream_counts))
+        if self.on_open is not None:
+            self.on_open(channel, key)  # restores the key's ring, if it was kept
         self.channels[key] = channel
         self.channel_budget.live += 1
         self.opened += 1
@@ -265,6 +274,8 @@ class KeyedChannels:
         if reason is not None:
             self.closed[reason] += 1
         channel.close(ending)
+        if self.on_free is not None:
+            self.on_free(channel)
 
     def close(
         self,

@@ -613,7 +613,7 @@ def test_parse_config_source_defaults_to_string() -> None:
                 "config.yaml:5: zzz: unknown key; expected one of: listen, app, routes,"
                 " max_clients, max_channels, ring_bytes_total, max_header_bytes, header_timeout,"
                 " keepalive_timeout, proxy, trusted_proxies, admin, workers, drain_window,"
-                " shutdown_timeout, ready_timeout"
+                " shutdown_timeout, ready_timeout, state_dir, state_sync"
             ],
             id="top-unknown-no-suggestion",
         ),
