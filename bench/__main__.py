@@ -33,7 +33,7 @@ from .scenarios import (
     run_slow,
     run_storm,
 )
-from .servers import SERVER_KINDS, ensure_nchan
+from .servers import DEFAULT_SERVERS, SERVER_KINDS, ensure_nchan
 
 BENCH = Path(__file__).resolve().parent
 SCENARIOS = ("fanout", "idle", "storm", "slow", "keyed", "keyed-idle", "keyed-churn")
@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"{','.join(SCENARIOS)} (all; --smoke: fanout)",
     )
     run.add_argument(
-        "--servers", type=_names(SERVER_KINDS), default=list(SERVER_KINDS), help="%(default)s"
+        "--servers",
+        type=_names(SERVER_KINDS),
+        default=list(DEFAULT_SERVERS),
+        help=f"%(default)s; also: {', '.join(k for k in SERVER_KINDS if k not in DEFAULT_SERVERS)}",
     )
     run.add_argument("--quick", action="store_true", help="fewer points, shorter windows")
     run.add_argument(

@@ -17,7 +17,7 @@ from typing import Any
 __all__ = ["machine_info", "targets", "write_charts", "write_json", "write_markdown"]
 
 Record = dict[str, Any]
-SERVER_ORDER = ("ssefan", "nchan", "starlette", "naive")
+SERVER_ORDER = ("ssefan", "ssefan-state", "nchan", "starlette", "naive")
 
 
 def machine_info(nofile: tuple[int, int]) -> dict[str, Any]:
@@ -175,7 +175,33 @@ def targets(records: list[Record]) -> list[dict[str, Any]]:
         )
     out.extend(_fanout_vs_nchan_target(fan))
     out.extend(_keyed_targets(records))
+    out.extend(_state_dir_target(fan))
     return out
+
+
+def _state_dir_target(fan: list[Record]) -> list[dict[str, Any]]:
+    """Issue 13: journaling every ring (state_dir) costs <= 1.05x CPU per delivery."""
+    rows = []
+    for s in fan:
+        if s.get("server") != "ssefan":
+            continue
+        j = _find(fan, server="ssefan-state", clients=s.get("clients"), rate=s.get("rate"))
+        sc = s.get("cpu_us_per_delivery")
+        jc = j.get("cpu_us_per_delivery") if j is not None else None
+        if not sc or jc is None:
+            continue
+        ratio = jc / sc
+        rows.append(
+            {
+                "target": f"state_dir on, {s['clients']:,} clients x {s['rate']:g}/s:"
+                " CPU per delivery <= 1.05x without",
+                "ssefan": f"{_fmt(jc, 2)} us/delivery with state_dir, {_fmt(sc, 2)} without",
+                "nchan": "-",
+                "ratio": ratio,
+                "met": ratio <= 1.05,
+            }
+        )
+    return rows
 
 
 def _fanout_vs_nchan_target(fan: list[Record]) -> list[dict[str, Any]]:

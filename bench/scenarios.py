@@ -229,7 +229,7 @@ class Session:
             self.upstream.set_rate(0, keys=self.keys)
         if not isinstance(server, NchanServer):
             server.start(self.upstream)
-        if self.kind in ("ssefan", "starlette") and not self.keys:
+        if self.kind in ("ssefan", "ssefan-state", "starlette") and not self.keys:
             self._wait(lambda: self.upstream_stats()["streams"] >= 1, 30.0, "upstream subscription")
         time.sleep(1.0)  # let the server settle before the RSS baseline
         self.rss_before = _sum_samples(server.pids).rss

@@ -36,7 +36,10 @@ __all__ = [
     "make_server",
 ]
 
-SERVER_KINDS = ("ssefan", "naive", "starlette", "nchan")
+SERVER_KINDS = ("ssefan", "naive", "starlette", "nchan", "ssefan-state")
+# What `--servers` runs unless told: ssefan-state (ssefan with state_dir, for
+# the cost of journaling on the hot path) is asked for by name.
+DEFAULT_SERVERS = ("ssefan", "naive", "starlette", "nchan")
 REPO = Path(__file__).resolve().parent.parent
 STOP_GRACE = 10.0
 
@@ -264,6 +267,17 @@ class SsefanServer(ServerBase):
             self.managed.stop()
 
 
+class SsefanStateServer(SsefanServer):
+    """ssefan with `state_dir` in its work directory: every ring journaled."""
+
+    kind = "ssefan-state"
+
+    def config_text(self, upstream: UpstreamProcess) -> str:
+        state = self.workdir / "state"
+        state.mkdir(parents=True, exist_ok=True)
+        return f"state_dir: {state}\nstate_sync: 1s\n" + super().config_text(upstream)
+
+
 class NaiveServer(ServerBase):
     """No server: clients connect straight to the synthetic upstream."""
 
@@ -464,6 +478,8 @@ def make_server(
     """The server under test; `keyed`: ssefan serves the template route instead."""
     if kind == "ssefan":
         return SsefanServer(workdir, cpus, keyed=keyed, linger=linger)
+    if kind == "ssefan-state":
+        return SsefanStateServer(workdir, cpus, keyed=keyed, linger=linger)
     if kind == "naive":
         return NaiveServer()
     if kind == "starlette":

@@ -124,12 +124,17 @@ def _serve(path: str, log_level: str, log_format: str = "text") -> int:
     logs.remember_secrets(config)
     # Imported here so `check` and `--version` never load the server stack.
     from ssefan.ops.app import serve
+    from ssefan.stream.state import StateDirError
 
     try:
         return serve(config)
     except ListenError as err:
         where = f"set another `{err.setting}:` in {shlex.quote(path)}"
         return _cannot_listen(err, f"stop what holds it, or {where}" if err.in_use else where)
+    except StateDirError as err:
+        # One line, no traceback: the directory is the user's to fix.
+        print(f"ssefan: {err} (set in {shlex.quote(path)})", file=sys.stderr)
+        return EXIT_CONFIG
 
 
 def _demo(host: str, port: int, log_level: str, log_format: str = "text") -> int:
