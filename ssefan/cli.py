@@ -194,7 +194,9 @@ def summary(config: Config) -> str:
     host = config.listen.host
     listen = f"[{host}]" if ":" in host else host
     line = f"{routes}, listen {listen}:{config.listen.port}"
-    return redact(line + (f", app {config.app}" if config.app else ""))
+    line += f", app {config.app}" if config.app else ""
+    line += f", state_dir {config.state_dir}" if config.state_dir else ""
+    return redact(line)
 
 
 def _configure_logging(level: str, log_format: str = "text") -> None:
