@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ssefan.core.ring import Ring
-from ssefan.core.sse import Event, IdOnly, Overflow, encode, encode_id, resumable_id
+from ssefan.core.sse import Event, IdOnly, Overflow, encode_id, encode_with_id, resumable_id
 
 __all__ = ["Accepted", "Intake"]
 
@@ -90,7 +90,7 @@ class Intake:
                 continue
             if known:
                 assert upstream_id is not None
-                encoded = encode(Event(item.data, event=item.event, id=upstream_id))
+                encoded = encode_with_id(item, upstream_id)
                 if self._replaying and ring.holds_copy(upstream_id, encoded):
                     out.replays += 1
                     continue
@@ -99,7 +99,7 @@ class Intake:
             else:
                 event_id = upstream_id if resumable and upstream_id else self.next_assigned_id()
             self._replaying = False
-            encoded = encode(Event(item.data, event=item.event, id=event_id))
+            encoded = encode_with_id(item, event_id)
             ring.append(event_id, encoded, now)
             events.append(encoded)
         return out

@@ -70,6 +70,7 @@ __all__ = [
     "encode_comment",
     "encode_id",
     "encode_retry",
+    "encode_with_id",
     "resumable_id",
 ]
 
@@ -474,18 +475,31 @@ def encode(event: Event) -> bytes:
     Raises:
         UnicodeEncodeError: a value holds a lone surrogate (a ``ValueError``).
     """
-    data = event.data
+    return _frame(event.data, event.event, event.id, event.retry)
+
+
+def encode_with_id(event: Event, event_id: str) -> bytes:
+    """``encode(Event(event.data, event=event.event, id=event_id))``, without
+    building (and validating) that Event: the intake re-encodes every upstream
+    event under the id clients get, and an Event's checks cost five times its
+    encoding. `event_id` must already be a valid id (no CR, LF or NUL): the
+    parser's or one ssefan assigned. ``retry`` is not written.
+    """
+    return _frame(event.data, event.event, event_id, None)
+
+
+def _frame(data: str, event_type: str, event_id: str | None, retry: int | None) -> bytes:
     if "\r" in data:
         data = data.replace("\r\n", "\n").replace("\r", "\n")
     if "\n" in data:
         data = data.replace("\n", "\ndata: ")
     head = ""
-    if event.id is not None:
-        head = f"id: {event.id}\n" if event.id else "id:\n"
-    if event.event:
-        head += f"event: {event.event}\n"
-    if event.retry is not None:
-        head += f"retry: {event.retry}\n"
+    if event_id is not None:
+        head = f"id: {event_id}\n" if event_id else "id:\n"
+    if event_type:
+        head += f"event: {event_type}\n"
+    if retry is not None:
+        head += f"retry: {retry}\n"
     return f"{head}data: {data}\n\n".encode()
 
 

@@ -26,6 +26,7 @@ from ssefan.core.sse import (
     encode_comment,
     encode_id,
     encode_retry,
+    encode_with_id,
 )
 
 Item = Event | IdOnly | Overflow
@@ -883,3 +884,19 @@ def test_resumable_id(value: str, expected: bool) -> None:
     from ssefan.core.sse import resumable_id
 
     assert resumable_id(value) is expected
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        Event("plain"),
+        Event("two\nlines", event="tick", id="old"),
+        Event("cr\r\nlf\rmixed", event="", id=None, retry=500),
+        Event("", event="x"),
+    ],
+)
+@pytest.mark.parametrize("event_id", ["", "42", "p-1"])
+def test_encode_with_id_is_encode_of_the_event_with_that_id(event: Event, event_id: str) -> None:
+    assert encode_with_id(event, event_id) == encode(
+        Event(event.data, event=event.event, id=event_id)
+    )
