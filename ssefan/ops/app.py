@@ -98,10 +98,13 @@ class App:
                 worker=self.worker,
                 loop=loop,
             )
-            self.persistence.remove_stale(self._keeps_state)
         # Rings are restored here, before the listener accepts anyone.
         for route in self.config.routes:
             self._add_route(route)
+        if self.persistence is not None:
+            # After the routes' own files were read (a bad one is set aside
+            # with its reason there): what is left belongs to no channel.
+            self.persistence.remove_stale(self._keeps_state)
         self.proxy = Proxy(self.config) if self.config.app is not None else None
         self.auth = forward_auths(self.config, self._auth_pools)
         self.server = Server(

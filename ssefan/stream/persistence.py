@@ -44,7 +44,7 @@ from ssefan.core.persist import (
 )
 from ssefan.core.persist import record_limit as max_record
 from ssefan.stream.channel import Channel
-from ssefan.stream.state import Journal, StateDir, StateWriteError
+from ssefan.stream.state import Journal, StateDir, StateWriteError, file_stem, identity_of
 
 __all__ = ["Persistence", "Recorder"]
 
@@ -165,10 +165,33 @@ class Persistence:
         channel.recorder = recorder
 
     def remove_stale(self, keep: Callable[[ChannelId], bool]) -> None:
-        """Delete the files no channel of this config will use (blocking)."""
+        """Deal with the files no channel of this config will use (blocking).
+
+        A file of a route (or worker) no longer configured is removed. One
+        whose header can't be read (empty, another format version, damaged)
+        or belongs to another channel than its name says is moved aside as
+        `*.bad` with a warning: it is a surprise someone may want to look at.
+        """
         for path in self.dir.stale(keep):
-            path.unlink(missing_ok=True)
-            log.info("state file %s belongs to no route of this config: removed", path.name)
+            if path.name.endswith((".bad", ".tmp")):
+                path.unlink(missing_ok=True)
+                continue
+            identity = identity_of(path)
+            if identity is not None and file_stem(identity) == path.name.split(".", 1)[0]:
+                path.unlink(missing_ok=True)
+                log.info(
+                    "state file %s (route %s) belongs to no route of this config: removed",
+                    path.name,
+                    identity.route,
+                )
+                continue
+            why = (
+                "its header can't be read (an empty file, another format version or damage)"
+                if identity is None
+                else f"it holds route {identity.route!r}'s state under another channel's name"
+            )
+            path.replace(path.with_name(path.name + ".bad"))
+            log.warning("state file %s: %s; moved aside as %s.bad", path, why, path.name)
 
     def start(self) -> None:
         self._timer = self.loop.call_later(self.state_sync, self._tick)

@@ -69,6 +69,7 @@ __all__ = [
     "StateDirError",
     "StateWriteError",
     "file_stem",
+    "identity_of",
     "write_snapshot",
 ]
 
@@ -593,7 +594,7 @@ class StateDir:
                     bad.append(path)
                 elif name.endswith((SNAPSHOT_SUFFIX, JOURNAL_SUFFIX)):
                     stem = name.split(".", 1)[0]
-                    identity = _identity_of(path)
+                    identity = identity_of(path)
                     if identity is None or file_stem(identity) != stem or not keep(identity):
                         stale.append(path)
                     else:
@@ -602,7 +603,7 @@ class StateDir:
         return sorted(stale)
 
 
-def _identity_of(path: Path) -> ChannelId | None:
+def identity_of(path: Path) -> ChannelId | None:
     try:
         with path.open("rb") as f:
             head = f.read(PEEK_BYTES)
