@@ -69,6 +69,7 @@ from ssefan.ops.worker import (
     encode_config,
     unix_address,
 )
+from ssefan.stream.state import StateDir
 
 __all__ = ["Supervisor", "supervise"]
 
@@ -150,6 +151,14 @@ class Supervisor:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        if self.config.state_dir is not None:
+            # Checked before any worker exists: an unusable directory is one
+            # line and exit 2 here, not N workers failing and restarting.
+            try:
+                StateDir(Path(self.config.state_dir))
+            except BaseException:
+                self._close()
+                raise
         self._listener = sockets.systemd_listener()
         if self._listener is None:
             listen = self.config.listen

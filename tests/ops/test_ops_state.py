@@ -558,21 +558,26 @@ def test_a_snapshot_that_cant_be_written_at_stop_is_logged_and_the_process_exits
             proc.stop()
 
 
-def test_a_state_dir_that_cant_be_used_at_start_is_one_clear_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["single", "supervisor"])
+def test_a_state_dir_that_cant_be_used_at_start_is_one_clear_line(
+    tmp_path: Path, workers: int
+) -> None:
     """state_dir under a regular file can't be made: ssefan refuses to start
     with one line naming the directory and what to do, no traceback (a
-    setting the user must change, like a port already in use)."""
+    setting the user must change, like a port already in use); with workers
+    the supervisor says so before any worker exists."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory\n")
     config: dict[str, object] = {
         "listen": "127.0.0.1:0",
+        "workers": workers,
         "state_dir": str(blocker / "state"),
         "routes": [{"path": "/events", "upstream": f"http://127.0.0.1:{free_port()}/events"}],
     }
     path = write_config(tmp_path / "ssefan.yaml", config)
     done = subprocess.run(serve_args(path), capture_output=True, text=True, timeout=10, check=False)
     output = (done.stdout + done.stderr).strip()
-    assert done.returncode != 0, output
+    assert done.returncode == 2, output
     assert "Traceback" not in output, f"a traceback instead of one clear line:\n{output}"
     lines = [line for line in output.splitlines() if "state_dir" in line]
     assert len(lines) == 1 and str(blocker / "state") in lines[0], output
