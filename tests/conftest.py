@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 from app_server import TestApp
+from browser import Chromium, Page, chromium_binary
+from eventsource_page import PageApp
 from raw_http import OPEN_SOCKETS
 from sse_upstream import FakeUpstream
 
@@ -61,3 +63,34 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
         yield loop
     finally:
         loop.close()
+
+
+# The browser suites (test_browser.py, test_browser_restart.py): one headless
+# Chromium per module, a fresh tab per test, the page app with the EventSource page.
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Chromium]:
+    browser = Chromium(chromium_binary()).start()
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium: Chromium) -> Iterator[Page]:
+    tab = chromium.new_page()
+    try:
+        yield tab
+    finally:
+        tab.close()
+
+
+@pytest.fixture(scope="module")
+def page_app() -> Iterator[PageApp]:
+    app = PageApp().start()
+    try:
+        yield app
+    finally:
+        app.close()

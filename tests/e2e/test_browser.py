@@ -22,11 +22,10 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from browser import Chromium, Page, chromium_binary
+from browser import Page
 from eventsource_page import CLOSED, CONNECTING, OPEN, PageApp, PageRecord
 from faults import CutProxy, free_port
 from sse_clients import SSEClient
@@ -39,33 +38,6 @@ from ssefan.ops.drain import MIN_DRAIN_RATE
 # Longest refusal `retry:` (max_clients and auth_unavailable: 2-8 s) plus the
 # time a reconnect takes: how long a refused EventSource may take to come back.
 COMEBACK = 15.0
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Chromium]:
-    browser = Chromium(chromium_binary()).start()
-    try:
-        yield browser
-    finally:
-        browser.close()
-
-
-@pytest.fixture
-def page(chromium: Chromium) -> Iterator[Page]:
-    tab = chromium.new_page()
-    try:
-        yield tab
-    finally:
-        tab.close()
-
-
-@pytest.fixture(scope="module")
-def page_app() -> Iterator[PageApp]:
-    app = PageApp().start()
-    try:
-        yield app
-    finally:
-        app.close()
 
 
 class Publisher:

@@ -14,11 +14,10 @@ under CI (CI=true), where a missing browser is a failure (browser.chromium_binar
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-from browser import Chromium, Page, chromium_binary
+from browser import Page
 from eventsource_page import CLOSED, OPEN, PageApp, PageRecord
 from faults import free_port
 from restarts import Publisher, assert_exact, restart, restored, state_config, stream_route
@@ -31,33 +30,6 @@ RATE = 20.0  # events a second
 # The drain's `retry:` is up to 3 s (ssefan.ops.drain.DRAIN_RETRY_MS); a
 # reconnect that meets no listener yet waits one more `retry:`.
 COMEBACK = 15.0
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Chromium]:
-    browser = Chromium(chromium_binary()).start()
-    try:
-        yield browser
-    finally:
-        browser.close()
-
-
-@pytest.fixture
-def page(chromium: Chromium) -> Iterator[Page]:
-    tab = chromium.new_page()
-    try:
-        yield tab
-    finally:
-        tab.close()
-
-
-@pytest.fixture(scope="module")
-def page_app() -> Iterator[PageApp]:
-    app = PageApp().start()
-    try:
-        yield app
-    finally:
-        app.close()
 
 
 def past(n: int) -> Callable[[PageRecord], bool]:

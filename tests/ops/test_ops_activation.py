@@ -4,29 +4,12 @@ so a restart keeps the port open and no connection is refused."""
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
 from sse_clients import SSEClient
 from sse_upstream import FakeUpstream
-from ssefan_process import CommandProcess, SsefanProcess, route_config, write_config
+from ssefan_process import SsefanProcess, activated, route_config, write_config
 from waits import DEFAULT_TIMEOUT, wait_until
-
-# What systemd does between fork and exec: the socket at fd 3, LISTEN_FDS=1
-# and LISTEN_PID naming the process that will run ssefan (known only in it).
-ACTIVATE = (
-    "import os, sys\n"
-    "os.dup2(int(sys.argv[1]), 3)\n"
-    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'ssefan', *sys.argv[2:]])\n"
-)
-
-
-def activated(config_path: Path, listener: socket.socket) -> CommandProcess:
-    """`ssefan serve` started the way systemd starts a socket-activated service."""
-    fd = listener.fileno()
-    argv = [sys.executable, "-c", ACTIVATE, str(fd), "serve", "--config", str(config_path)]
-    return CommandProcess(config_path, argv, pass_fds=(fd,)).start()
 
 
 def systemd_socket() -> socket.socket:

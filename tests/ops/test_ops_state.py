@@ -25,7 +25,6 @@ from restarts import (
     SHUTDOWN_TIMEOUT,
     Follower,
     Publisher,
-    activated,
     assert_exact,
     channel_files,
     finish,
@@ -43,7 +42,14 @@ from restarts import (
 )
 from sse_clients import SSEClient
 from sse_upstream import FakeUpstream
-from ssefan_process import SsefanProcess, serve_args, signal_proc, wait_log, write_config
+from ssefan_process import (
+    SsefanProcess,
+    activated,
+    serve_args,
+    signal_proc,
+    wait_log,
+    write_config,
+)
 from waits import wait_until
 
 from ssefan.core.cursors import GAP_EVENT

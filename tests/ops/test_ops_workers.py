@@ -6,15 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 from opsharness import Samples, admin_url, maybe, scrape, value
 from sse_clients import SSEClient
 from sse_upstream import FakeUpstream
 from ssefan_process import (
-    CommandProcess,
     SsefanProcess,
+    activated,
     multi_route_config,
     route_config,
     signal_proc,
@@ -22,13 +21,6 @@ from ssefan_process import (
     write_config,
 )
 from waits import wait_until
-
-ACTIVATE = (
-    "import os, sys\n"
-    "os.dup2(int(sys.argv[1]), 3)\n"
-    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'ssefan', *sys.argv[2:]])\n"
-)
 
 
 def worker_pids(samples: Samples) -> dict[str, int]:
@@ -142,9 +134,7 @@ def test_workers_reload_and_drain(upstream: FakeUpstream, tmp_path: Path) -> Non
 def test_workers_share_a_socket_from_systemd(upstream: FakeUpstream, tmp_path: Path) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     path = write_config(tmp_path / "s.yaml", {**route_config(upstream), "workers": 2})
-    fd = listener.fileno()
-    argv = [sys.executable, "-c", ACTIVATE, str(fd), "serve", "--config", str(path)]
-    proc = CommandProcess(path, argv, pass_fds=(fd,)).start()
+    proc = activated(path, listener)
     try:
         assert proc.port == listener.getsockname()[1]
         wait_until(lambda: upstream.active == 2, what="one subscription per worker")

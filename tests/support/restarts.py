@@ -25,9 +25,7 @@ import ast
 import asyncio
 import re
 import signal
-import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +33,7 @@ from pathlib import Path
 
 from sse_clients import AsyncSSEClient, ReceivedEvent
 from sse_upstream import FakeUpstream
-from ssefan_process import CommandProcess, SsefanProcess, fast_upstream, signal_proc
+from ssefan_process import SsefanProcess, fast_upstream, signal_proc
 from waits import DEFAULT_TIMEOUT
 
 from ssefan.core.cursors import GAP_EVENT
@@ -369,24 +367,6 @@ def state_warnings(proc: SsefanProcess) -> list[str]:
         for line in proc.lines
         if "logger=ssefan.state" in line and ("level=warning" in line or "level=error" in line)
     ]
-
-
-# What systemd does between fork and exec for a socket-activated service: the
-# socket at fd 3, LISTEN_FDS=1 and LISTEN_PID naming the process that will run
-# ssefan (known only in it).
-_ACTIVATE = (
-    "import os, sys\n"
-    "os.dup2(int(sys.argv[1]), 3)\n"
-    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
-    "os.execv(sys.executable, [sys.executable, '-m', 'ssefan', *sys.argv[2:]])\n"
-)
-
-
-def activated(config_path: Path, listener: socket.socket) -> CommandProcess:
-    """`ssefan serve` started as systemd starts a socket-activated service."""
-    fd = listener.fileno()
-    argv = [sys.executable, "-c", _ACTIVATE, str(fd), "serve", "--config", str(config_path)]
-    return CommandProcess(config_path, argv, pass_fds=(fd,)).start()
 
 
 # --------------------------------------------------------------------------- checks

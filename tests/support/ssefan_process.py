@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -209,3 +210,21 @@ def stop_clean(proc: SsefanProcess) -> None:
     proc.stop()
     bad = [line for line in proc.lines if "level=error" in line.lower() or "Traceback" in line]
     assert not bad, "ssefan logged errors:\n" + "\n".join(bad)
+
+
+# What systemd does between fork and exec for a socket-activated service: the
+# socket at fd 3, LISTEN_FDS=1 and LISTEN_PID naming the process that will run
+# ssefan (known only in it).
+ACTIVATE = (
+    "import os, sys\n"
+    "os.dup2(int(sys.argv[1]), 3)\n"
+    "os.environ.update(LISTEN_FDS='1', LISTEN_PID=str(os.getpid()))\n"
+    "os.execv(sys.executable, [sys.executable, '-m', 'ssefan', *sys.argv[2:]])\n"
+)
+
+
+def activated(config_path: Path, listener: socket.socket) -> CommandProcess:
+    """`ssefan serve` started the way systemd starts a socket-activated service."""
+    fd = listener.fileno()
+    argv = [sys.executable, "-c", ACTIVATE, str(fd), "serve", "--config", str(config_path)]
+    return CommandProcess(config_path, argv, pass_fds=(fd,)).start()
