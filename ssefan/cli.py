@@ -194,6 +194,9 @@ def summary(config: Config) -> str:
     host = config.listen.host
     listen = f"[{host}]" if ":" in host else host
     line = f"{routes}, listen {listen}:{config.listen.port}"
+    tls = config.listen.tls
+    if tls is not None:
+        line += f" (TLS {tls.min_version}+, cert {tls.cert}, alpn {', '.join(tls.alpn)})"
     line += f", app {config.app}" if config.app else ""
     line += f", state_dir {config.state_dir}" if config.state_dir else ""
     return redact(line)

@@ -3,7 +3,8 @@
 One concern per module: `schema` (the dataclasses), `values` and `net` (the
 value grammars), `syntax` (YAML text and its errors), `reader` (key paths,
 lines, unknown keys), `keys`, `sections` and `route` (the section readers),
-`loader` (the entry points). This names what the rest of ssefan imports.
+`loader` (the entry points), `tls` (the TLS context the listener serves,
+built and checked from the files). This names what the rest of ssefan imports.
 """
 
 from ssefan.config.loader import ConfigError, load_config, parse_config
@@ -16,8 +17,10 @@ from ssefan.config.schema import (
     ProxyConfig,
     RouteConfig,
     StartConfig,
+    TLSConfig,
     UpstreamConfig,
 )
+from ssefan.config.tls import TLSProblem, server_context
 from ssefan.config.values import parse_duration, parse_size
 
 __all__ = [
@@ -30,9 +33,12 @@ __all__ = [
     "ProxyConfig",
     "RouteConfig",
     "StartConfig",
+    "TLSConfig",
+    "TLSProblem",
     "UpstreamConfig",
     "load_config",
     "parse_config",
     "parse_duration",
     "parse_size",
+    "server_context",
 ]

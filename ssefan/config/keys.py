@@ -15,8 +15,10 @@ from ssefan.config.schema import (
     Config,
     CorsConfig,
     KeyConfig,
+    ListenConfig,
     ProxyConfig,
     RouteConfig,
+    TLSConfig,
     UpstreamConfig,
 )
 
@@ -36,6 +38,10 @@ _START_KEYS = ("events", "age")
 _AUTH_KEYS = _fields(AuthConfig)
 _PROXY_KEYS = _fields(ProxyConfig)
 _ADMIN_KEYS = _fields(AdminConfig)
+# `listen: {address: "HOST:PORT", tls: {...}}`: host and port are written
+# together as `address`, as in the string form.
+_LISTEN_KEYS = ("address", *_fields(ListenConfig, without=("host", "port")))
+_TLS_KEYS = _fields(TLSConfig)
 
 
 def _misplaced(keys: tuple[str, ...], where: str, allowed: tuple[str, ...]) -> dict[str, str]:

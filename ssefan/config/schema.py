@@ -156,9 +156,36 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TLSConfig:
+    """TLS for clients on the main listener. The files are read at start and
+    again on every reload (SIGHUP), which is how a certificate is rotated."""
+
+    # PEM files: the certificate chain (leaf first) and its unencrypted key.
+    cert: str
+    key: str
+    # TLS 1.2 is RFC 9113 §9.2's floor for HTTP/2 and what every browser
+    # still in support speaks; "1.3" refuses older clients.
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    # Offered by ALPN, in order. Only HTTP/1.1 is served so far (HTTP/2 is
+    # issue 14's next step); a client that offers no ALPN gets HTTP/1.1 too.
+    alpn: tuple[str, ...] = ("http/1.1",)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.min_version in ("1.2", "1.3"),
+            "TLSConfig.min_version",
+            '"1.2" or "1.3"',
+            self.min_version,
+        )
+        _require(self.alpn == ("http/1.1",), "TLSConfig.alpn", '("http/1.1",)', self.alpn)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ListenConfig:
     host: str
     port: int
+    # None: plain HTTP. The admin listener never has TLS.
+    tls: TLSConfig | None = None
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "ListenConfig.port", "from 0 to 65535", self.port)

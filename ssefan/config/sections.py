@@ -5,8 +5,16 @@ list of routes, with the checks across them.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
-from ssefan.config.keys import _ADMIN_KEYS, _CONFIG_KEYS, _MISPLACED_AT_TOP, _PROXY_KEYS
+from ssefan.config.keys import (
+    _ADMIN_KEYS,
+    _CONFIG_KEYS,
+    _LISTEN_KEYS,
+    _MISPLACED_AT_TOP,
+    _PROXY_KEYS,
+    _TLS_KEYS,
+)
 from ssefan.config.net import _app_origin, _listen, _network
 from ssefan.config.reader import _Reader, _Section, _written
 from ssefan.config.route import _read_route
@@ -18,7 +26,9 @@ from ssefan.config.schema import (
     ListenConfig,
     ProxyConfig,
     RouteConfig,
+    TLSConfig,
 )
+from ssefan.config.tls import TLSProblem, server_context
 from ssefan.config.values import (
     _BadValue,
     _duration,
@@ -50,7 +60,7 @@ def _read_config(reader: _Reader, raw: object) -> Config | None:
     if section is None:
         return None
     d = _CONFIG_DEFAULTS
-    listen = section.require("listen", _listen, 'the address to serve on, like "127.0.0.1:8080"')
+    listen = _read_listen(reader, section)
     app = section.get("app", _optional(_app_origin), d.app)
     has_app = section.values.get("app") is not None
     routes = _read_routes(reader, section.values.get("routes"), has_app)
@@ -82,6 +92,92 @@ def _read_config(reader: _Reader, raw: object) -> Config | None:
     if listen is not None and admin is not None:
         _check_admin_listen(reader, listen, admin.listen)
     return None if listen is None or routes is None else config
+
+
+def _read_listen(reader: _Reader, section: _Section) -> ListenConfig | None:
+    """`listen: HOST:PORT`, or the mapping form `{address: HOST:PORT, tls: {...}}`."""
+    raw = section.values.get("listen")
+    if not isinstance(raw, dict):
+        return section.require("listen", _listen, 'the address to serve on, like "127.0.0.1:8080"')
+    listen = reader.section(
+        raw,
+        "listen",
+        _LISTEN_KEYS,
+        'a mapping like {address: "0.0.0.0:8443", tls: {cert: FILE, key: FILE}}',
+    )
+    if listen is None:
+        return None
+    address = listen.require("address", _listen, 'the address to serve on, like "0.0.0.0:8443"')
+    raw_tls = listen.values.get("tls")
+    tls = None if raw_tls is None else _read_tls(reader, raw_tls, "listen.tls")
+    if address is None or (raw_tls is not None and tls is None):
+        return None
+    return ListenConfig(host=address.host, port=address.port, tls=tls)
+
+
+def _read_tls(reader: _Reader, raw: object, path: str) -> TLSConfig | None:
+    section = reader.section(raw, path, _TLS_KEYS, "a mapping with cert and key (PEM files)")
+    if section is None:
+        return None
+    cert = section.require(
+        "cert", _file_path, 'the certificate chain, like "/etc/ssefan/tls/fullchain.pem"'
+    )
+    key = section.require("key", _file_path, 'its private key, like "/etc/ssefan/tls/privkey.pem"')
+    before = len(reader.problems)
+    default_alpn: tuple[str, ...] = ("http/1.1",)
+    default_version: Literal["1.2", "1.3"] = "1.2"
+    min_version = section.get("min_version", _tls_version, default_version)
+    alpn = section.nested("alpn", _read_alpn, default_alpn)
+    if cert is None or key is None or len(reader.problems) > before:
+        return None
+    tls = TLSConfig(cert=cert, key=key, min_version=min_version, alpn=alpn)
+    try:
+        # The files as they are now: check refuses what serve could not load.
+        server_context(tls)
+    except TLSProblem as problem:
+        reader.report(section.path_of(problem.field), problem.message)
+        return None
+    return tls
+
+
+def _file_path(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _BadValue(
+            f'expected a file path like "/etc/ssefan/tls/fullchain.pem", got {_show(value)}'
+        )
+    return value
+
+
+def _tls_version(value: object) -> Literal["1.2", "1.3"]:
+    # YAML reads an unquoted 1.2 as a number: take it as the version it spells.
+    text = str(value) if isinstance(value, str | float) and not isinstance(value, bool) else None
+    if text == "1.2":
+        return "1.2"
+    if text == "1.3":
+        return "1.3"
+    raise _BadValue(f'expected "1.2" or "1.3" (the lowest TLS version served), got {_show(value)}')
+
+
+def _read_alpn(reader: _Reader, raw: object, path: str) -> tuple[str, ...] | None:
+    if not isinstance(raw, list) or not raw:
+        got = "an empty list" if raw == [] else _show(raw)
+        reader.report(path, f"expected a list of protocols like [http/1.1], got {got}")
+        return None
+    ok = True
+    for index, item in enumerate(raw):
+        if item == "h2":
+            reader.report(
+                f"{path}[{index}]",
+                "h2 is not served yet (HTTP/2 is issue 14's next step); use [http/1.1]",
+            )
+            ok = False
+        elif item != "http/1.1":
+            reader.report(f"{path}[{index}]", f"expected http/1.1, got {_show(item)}")
+            ok = False
+    if ok and len(raw) > 1:
+        reader.report(path, "http/1.1 is listed more than once; keep one")
+        ok = False
+    return tuple(raw) if ok else None
 
 
 def _state_dir(value: object) -> str:

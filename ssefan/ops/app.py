@@ -38,6 +38,7 @@ from ssefan.ops import reload as reloading
 from ssefan.ops.drain import drain_streams, end_spread
 from ssefan.ops.process import Process
 from ssefan.ops.sockets import LISTEN_BACKLOG, http_url, listen_error, systemd_listener
+from ssefan.ops.tls import CertificateSwap
 from ssefan.ops.worker import WorkerEnv
 from ssefan.stream.channel import Channel, StreamBudget
 from ssefan.stream.keyed import KEY_GONE_STATUSES, ChannelBudget, CloseReason, KeyedChannels
@@ -76,6 +77,8 @@ class App:
         self.ring_budget = RingBudget(config.ring_bytes_total)
         self.server: Server | None = None
         self.listener: asyncio.Server | None = None
+        # listen.tls: the listener's context and the certificate a reload swaps in.
+        self.tls: CertificateSwap | None = None
         # Pass-through to `app` (None without one) and forward-auth by route.
         self.proxy: Proxy | None = None
         self.auth: dict[str, ForwardAuth] = {}
@@ -115,9 +118,19 @@ class App:
             keyed=self.keyed,
         )
         listen = self.config.listen
+        if listen.tls is not None:
+            self.tls = CertificateSwap(listen.tls)
+        context = self.tls.listening if self.tls is not None else None
+        # The handshake comes before the request head's header_timeout is
+        # armed (connection_made follows it): the same slowloris bound.
+        handshake = self.config.header_timeout if context is not None else None
         if sock is not None:
             self.listener = await loop.create_server(
-                self.server.protocol_factory, sock=sock, backlog=LISTEN_BACKLOG
+                self.server.protocol_factory,
+                sock=sock,
+                backlog=LISTEN_BACKLOG,
+                ssl=context,
+                ssl_handshake_timeout=handshake,
             )
         else:
             try:
@@ -127,6 +140,8 @@ class App:
                     listen.port,
                     backlog=LISTEN_BACKLOG,
                     reuse_address=True,
+                    ssl=context,
+                    ssl_handshake_timeout=handshake,
                 )
             except OSError as exc:
                 problem = listen_error("listen", listen.host, listen.port, exc)
@@ -215,7 +230,7 @@ class App:
 
     @property
     def url(self) -> str:
-        return http_url(*self.address)
+        return http_url(*self.address, tls=self.tls is not None)
 
     # -- readiness and metrics ---------------------------------------------------
 
@@ -277,6 +292,11 @@ class App:
         for line in change.needs_restart:
             log.warning("reload: %s", line)
         new = reloading.keep_fixed(self.config, new)
+        # The files are read again even when the config names the same ones:
+        # that is how a renewed certificate is picked up.
+        tls = new.listen.tls
+        if self.tls is not None and tls is not None and not self.tls.reload(tls):
+            new = reloading.keep_listen(self.config, new)
         for path in change.removed:
             if path in self.keyed:
                 self.keyed.pop(path).close(DisconnectReason.DRAIN, CloseReason.RELOAD)

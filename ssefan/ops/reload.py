@@ -10,8 +10,10 @@ ever sees half of a reload:
   starts a new subscription (resuming from the last id), changed ring bounds
   rebuild the ring with the same events, anything else applies in place.
 
-What a running process cannot change (its listen address, the admin address,
-the number of workers) is reported, and the old value stays until a restart.
+What a running process cannot change (its listen address, TLS on or off, the
+admin address, the number of workers) is reported, and the old value stays
+until a restart. The TLS certificate is not among them: the App reads the
+files again on every reload (ops.tls).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from ssefan.config import Config, ListenConfig, RouteConfig
 
-__all__ = ["ReloadPlan", "keep_fixed", "plan"]
+__all__ = ["ReloadPlan", "keep_fixed", "keep_listen", "plan"]
 
 
 @dataclass(slots=True)
@@ -65,10 +67,17 @@ def plan(old: Config, new: Config) -> ReloadPlan:
             result.new_upstream.add(route.path)
         if _ring_bounds(route) != _ring_bounds(previous):
             result.new_buffer.add(route.path)
-    if new.listen != old.listen:
+    if _address(new.listen) != _address(old.listen):
         result.needs_restart.append(
             f"listen changed from {_show(old.listen)} to {_show(new.listen)}:"
             f" still listening on {_show(old.listen)} until a restart"
+        )
+    if (new.listen.tls is None) != (old.listen.tls is None):
+        # The listening socket was made with or without a context; a changed
+        # certificate, key, min_version or alpn is swapped in by the reload.
+        was, now = ("TLS", "plain HTTP") if new.listen.tls is None else ("plain HTTP", "TLS")
+        result.needs_restart.append(
+            f"listen.tls changed from {was} to {now}: still serving {was} until a restart"
         )
     if new.admin != old.admin:
         was = _show(old.admin.listen) if old.admin else "off"
@@ -89,6 +98,10 @@ def _ring_bounds(route: RouteConfig) -> tuple[int, int, float]:
     return route.buffer, route.buffer_bytes, route.buffer_age
 
 
+def _address(listen: ListenConfig) -> tuple[str, int]:
+    return listen.host, listen.port
+
+
 def _show(listen: ListenConfig) -> str:
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     return f"{host}:{listen.port}"
@@ -97,4 +110,13 @@ def _show(listen: ListenConfig) -> str:
 def keep_fixed(running: Config, new: Config) -> Config:
     """`new` with the settings that need a restart held at their running values,
     so the next reload compares against what is really in force."""
-    return replace(new, listen=running.listen, admin=running.admin, workers=running.workers)
+    listen = running.listen
+    if (new.listen.tls is None) == (running.listen.tls is None):
+        listen = replace(running.listen, tls=new.listen.tls)  # certificates follow a reload
+    return replace(new, listen=listen, admin=running.admin, workers=running.workers)
+
+
+def keep_listen(running: Config, new: Config) -> Config:
+    """`new` with the running listen settings: the new certificate could not
+    be loaded, so the previous one (and its settings) stays in force."""
+    return replace(new, listen=running.listen)

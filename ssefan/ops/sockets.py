@@ -43,9 +43,11 @@ SD_LISTEN_FDS_START = 3
 LISTEN_BACKLOG = 4096
 
 
-def http_url(host: str, port: int) -> str:
-    """The http:// URL of a listening address; an IPv6 host goes in brackets (RFC 3986 §3.2.2)."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+def http_url(host: str, port: int, *, tls: bool = False) -> str:
+    """The http:// (https:// with `tls`) URL of a listening address; an IPv6
+    host goes in brackets (RFC 3986 §3.2.2)."""
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def systemd_listener(environ: MutableMapping[str, str] = os.environ) -> socket.socket | None:

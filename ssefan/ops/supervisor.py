@@ -241,7 +241,7 @@ class Supervisor:
         sock = self._listener or self._reserved
         assert sock is not None
         host, port = sock.getsockname()[:2]
-        return sockets.http_url(str(host), port)
+        return sockets.http_url(str(host), port, tls=self.config.listen.tls is not None)
 
     def _spawn_task(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from raw_http import Response, connect, parse_response_head
+from raw_http import OPEN_SOCKETS, Response, connect, parse_response_head
 from waits import DEFAULT_TIMEOUT
 
 
@@ -118,8 +119,13 @@ class SSEClient:
         http10: bool = False,
         method: str = "GET",
         timeout: float = DEFAULT_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.sock = connect(host, port, timeout)
+        if tls is not None:
+            # The handshake happens here; server_hostname is the SNI sent and checked.
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
+            OPEN_SOCKETS.add(self.sock)
         version = "HTTP/1.0" if http10 else "HTTP/1.1"
         lines = [f"{method} {path} {version}", f"Host: {host}:{port}", "Accept: text/event-stream"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]

@@ -65,7 +65,7 @@ class SsefanProcess:
     and `start()` returns without waiting for the listening line.
     """
 
-    LISTENING = re.compile(r"listening on (http://\S+)")
+    LISTENING = re.compile(r"listening on (https?://\S+)")
 
     def __init__(
         self,
