@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -159,7 +160,9 @@ class Persistence:
             # After a crash, ids `<prefix><seq>` may have gone out after the
             # last write that this ring would give again: this process's own
             # prefix instead. Ids the ring holds still resume (by id).
-            channel.intake.id_prefix = fresh_prefix
+            channel.intake.id_prefix = (
+                fresh_prefix if fresh_prefix != state.id_prefix else _another_prefix(fresh_prefix)
+            )
         recorder = Recorder(channel, identity, journal, generation)
         self.recorders[channel] = recorder
         channel.recorder = recorder
@@ -334,3 +337,12 @@ class Persistence:
             generation=generation,
             final=final,
         )
+
+
+def _another_prefix(taken: str) -> str:
+    """A prefix other than `taken` (a channel's own is the time in ms and the pid:
+    the same again only within one millisecond of one process)."""
+    while True:
+        prefix = f"{secrets.token_hex(6)}-"
+        if prefix != taken:
+            return prefix
