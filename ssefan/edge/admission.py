@@ -222,7 +222,10 @@ def _route_of(target: Target) -> RouteConfig:
 def _in_force(server: Server, target: Target) -> bool:
     if isinstance(target, Channel):
         return server.channels.get(target.route.path) is target
-    return server.keyed.get(target.family.route.path) is target.family
+    family = target.family
+    # A reload during forward-auth may have narrowed the key's pattern: a key
+    # the new template refuses must not get a channel now.
+    return server.keyed.get(family.route.path) is family and family.still_matches(target.key)
 
 
 def last_event_id(request: Incoming) -> str | None:

@@ -456,7 +456,10 @@ class App:
         for task in list(self._tasks):
             task.cancel()
         if self.persistence is not None:
-            # Before anything closes: every ring's final snapshot.
+            # Before anything closes, every ring's final snapshot; first the
+            # upstreams stop, so that no id goes out after it was taken.
+            for channel in self.all_channels():
+                channel.stop_source()
             await self.persistence.save_all(within=max(0.5, grace))
             self.persistence.drop_unsaved_keys(self.keyed)
         upstreams = list(self.upstreams.values())

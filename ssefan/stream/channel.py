@@ -313,6 +313,11 @@ class Channel:
         self.ring = self.intake.ring = ring
         self.cursors.resized(ring)
 
+    def stop_source(self) -> None:
+        """Stop the upstream (the process is stopping): the ring takes nothing
+        more, so a final snapshot of it is the last word on every id given."""
+        self._stop_source()
+
     def _start_source(self) -> None:
         if self.source is not None and not self._source_running:
             self._source_running = True

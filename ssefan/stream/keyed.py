@@ -133,6 +133,11 @@ class KeyedChannels:
         keys = self.template.match(path, query)
         return None if keys is None else self.template.channel_key(keys)
 
+    def still_matches(self, key: ChannelKey) -> bool:
+        """Whether the route's current template (a reload may have narrowed its
+        key pattern) would still give this key."""
+        return self.template.match(*self._request_of(key)) is not None
+
     def claims(self, path: str) -> bool:
         """The path is this template's, even if its key was refused (404 then)."""
         return self.template.claims(path)

@@ -61,7 +61,15 @@ ROTATE_FACTOR = 2
 class Recorder:
     """One channel's journal: what `Channel.publish` hands each new ring entry."""
 
-    __slots__ = ("_last_mark", "channel", "failed", "generation", "identity", "journal", "rotating")
+    __slots__ = (
+        "_last_mark",
+        "channel",
+        "failed",
+        "generation",
+        "identity",
+        "journal",
+        "rotating",
+    )
 
     def __init__(self, channel: Channel, identity: ChannelId, journal: Journal, generation: int):
         self.channel = channel
@@ -69,7 +77,8 @@ class Recorder:
         self.journal = journal
         self.generation = generation
         self._last_mark = channel.upstream_last_id
-        self.rotating = False
+        # A rotation's write, while one runs in a thread (save_all waits for it).
+        self.rotating: asyncio.Future[Journal] | None = None
         self.failed = False
 
     def record(self, start_seq: int) -> None:
@@ -112,6 +121,7 @@ class Persistence:
         self.rotate_min_bytes = rotate_min_bytes
         self.recorders: dict[Channel, Recorder] = {}
         self.stopping = False
+        self.timed_out = False  # save_all's writer did not finish in time
         self.write_failures = 0
         self._timer: asyncio.TimerHandle | None = None
         self._saved: set[ChannelId] = set()  # snapshots written by this process's stop
@@ -209,7 +219,7 @@ class Persistence:
         """One write per journal with something buffered (page cache: a SIGKILL keeps it)."""
         for recorder in list(self.recorders.values()):
             journal = recorder.journal
-            if recorder.failed or recorder.rotating or not journal.pending:
+            if recorder.failed or recorder.rotating is not None or not journal.pending:
                 continue
             try:
                 journal.flush()
@@ -222,7 +232,6 @@ class Persistence:
 
     def _rotate(self, recorder: Recorder) -> None:
         """Fold the journal into a snapshot, written in a thread; appends go on meanwhile."""
-        recorder.rotating = True
         state = self._capture(recorder.channel, recorder.identity, recorder.generation + 1)
 
         def write() -> Journal:
@@ -230,8 +239,18 @@ class Persistence:
             return self.dir.new_journal(state)
 
         def done(future: asyncio.Future[Journal]) -> None:
-            recorder.rotating = False
+            recorder.rotating = None
+            if future.cancelled():
+                return  # the executor shut down: the process is leaving
             error = future.exception()
+            if self.recorders.get(recorder.channel) is not recorder:
+                # Forgotten meanwhile (a freed key, a removed route): what the
+                # thread wrote must not outlive the channel, nor be restored.
+                if error is None:
+                    future.result().close()
+                if not self.stopping:
+                    self.dir.remove(recorder.identity)
+                return
             if error is not None:
                 self._failed(recorder, error)
                 return
@@ -241,7 +260,8 @@ class Persistence:
             recorder.journal = new
             recorder.generation = state.generation
 
-        self.loop.run_in_executor(None, write).add_done_callback(done)
+        recorder.rotating = self.loop.run_in_executor(None, write)
+        recorder.rotating.add_done_callback(done)
 
     def _failed(self, recorder: Recorder, error: BaseException) -> None:
         self.write_failures += 1
@@ -261,8 +281,10 @@ class Persistence:
         if recorder is None:
             return
         channel.recorder = None
+        if self.stopping:
+            return  # save_all's thread owns the journals now, and the files are final
         recorder.journal.close()
-        if not self.stopping:
+        if recorder.rotating is None:  # else the rotation's end removes what it wrote
             self.dir.remove(recorder.identity)
 
     # -- stop -----------------------------------------------------------------------
@@ -274,6 +296,12 @@ class Persistence:
         self.stopping = True
         if self._timer is not None:
             self._timer.cancel()
+        deadline = self.loop.time() + within
+        rotations = [r.rotating for r in self.recorders.values() if r.rotating is not None]
+        if rotations:
+            # A rotation still writing would put its older snapshot back
+            # after the final one: let it end first.
+            await asyncio.wait(rotations, timeout=within)
         states = [
             (
                 recorder,
@@ -305,9 +333,10 @@ class Persistence:
             return saved
 
         try:
-            async with asyncio.timeout(within):
+            async with asyncio.timeout(max(0.0, deadline - self.loop.time())):
                 saved = await self.loop.run_in_executor(None, write)
         except TimeoutError:
+            self.timed_out = True
             log.warning(
                 "state_dir: final snapshots not all written within %.1fs (shutdown_timeout)",
                 within,
@@ -320,6 +349,8 @@ class Persistence:
         """After save_all: template keys' files this run did not write (keys not
         reopened since the last start) are dropped, so files stay bounded by
         the keys live at the last stop (blocking)."""
+        if self.timed_out:
+            return  # the writer may still be saving them: keep what is there
         templates = set(routes)
         self.remove_stale(lambda id: not (id.key and id.route in templates) or id in self._saved)
 

@@ -10,7 +10,7 @@ import asyncio
 
 from fake_transport import Client
 
-from ssefan.config import RouteConfig, UpstreamConfig
+from ssefan.config import KeyConfig, RouteConfig, UpstreamConfig
 from ssefan.core.refusal import RefusalReason
 from ssefan.core.ring import RingBudget
 from ssefan.core.sse import Event
@@ -270,3 +270,16 @@ def test_a_refused_key_matches_nothing_but_the_path_is_still_claimed(
     assert family.match("/jobs/../progress", "") is None
     assert family.claims("/jobs/a/b/progress") and not family.claims("/jobs/a/log")
     assert family.path_of(family.match("/jobs/a_1/progress", "") or ()) == "/jobs/a_1/progress"
+
+
+def test_a_reload_narrowing_the_key_pattern_during_forward_auth_makes_no_channel(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    setup = Setup(loop, key=KeyConfig(pattern="[a-z0-9]{1,12}"))
+    family = setup.family
+    key = setup.key("/jobs/admin/progress")
+    assert family.still_matches(key)
+    # While forward-auth decides, SIGHUP narrows the pattern to digits.
+    family.reconfigure(template_route(key=KeyConfig(pattern="[0-9]{1,12}")))
+    assert not family.still_matches(key)
+    assert family.still_matches(setup.key("/jobs/42/progress"))

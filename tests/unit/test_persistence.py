@@ -8,16 +8,18 @@ Channel on the same directory.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
+import pytest
 from fake_transport import Client
 
 from ssefan.config import RouteConfig, UpstreamConfig
-from ssefan.core.persist import ChannelId
+from ssefan.core.persist import ChannelId, RingState
 from ssefan.core.sse import Event
 from ssefan.stream.channel import Channel
 from ssefan.stream.persistence import Persistence
-from ssefan.stream.state import file_stem
+from ssefan.stream.state import StateDir, file_stem
 
 ROUTE = RouteConfig(
     path="/events", upstream=UpstreamConfig(url="http://127.0.0.1:9/e"), heartbeat=3600.0
@@ -109,3 +111,58 @@ def test_a_damaged_snapshot_is_moved_aside_and_the_channel_starts_empty(
     assert any(p.name.endswith(".bad") for p in tmp_path.iterdir())
     again.publish([Event("fresh", id="9")])  # and it journals again
     assert again.ring.id_at(0) == "9"
+
+
+class SlowRotation:
+    """The disk a rotation writes to is slow: its snapshot takes 0.3 s."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        original = StateDir.save_snapshot
+
+        def slow(directory: StateDir, state: RingState) -> None:
+            if not state.final:
+                time.sleep(0.3)
+            original(directory, state)
+
+        monkeypatch.setattr(StateDir, "save_snapshot", slow)
+
+
+def rotating(loop: asyncio.AbstractEventLoop, state: Path) -> tuple[Persistence, Channel]:
+    persistence = Persistence(
+        str(state), state_sync=3600, worker=0, loop=loop, rotate_min_bytes=100
+    )
+    channel = Channel(ROUTE, loop=loop)
+    persistence.attach(channel, ROUTE)
+    for n in range(20):
+        channel.publish([Event("x" * 20, id=str(n))])
+    persistence.flush()  # the journal passed 100 bytes: a rotation starts in a thread
+    assert persistence.recorders[channel].rotating is not None
+    return persistence, channel
+
+
+def test_a_rotation_still_writing_at_stop_never_replaces_the_final_snapshot(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SlowRotation(monkeypatch)
+    persistence, channel = rotating(loop, tmp_path)
+    for n in range(20, 25):
+        channel.publish([Event("late", id=str(n))])
+    loop.run_until_complete(persistence.save_all(within=5.0))
+    loop.run_until_complete(asyncio.sleep(0.5))  # past the rotation's write
+    assert [p.suffix for p in tmp_path.iterdir()] == [".snap"]
+    _, again = process(loop, tmp_path)
+    assert (again.ring.next_seq, again.upstream_last_id) == (25, "24")
+    assert again.intake.id_prefix == channel.intake.id_prefix  # a clean stop, not a crash
+
+
+def test_a_channel_freed_during_its_rotation_leaves_no_file_behind(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    SlowRotation(monkeypatch)
+    persistence, channel = rotating(loop, tmp_path)
+    channel.close()
+    persistence.forget(channel)
+    loop.run_until_complete(asyncio.sleep(0.6))  # the rotation's write ends
+    assert list(tmp_path.iterdir()) == []
+    _, again = process(loop, tmp_path)
+    assert len(again.ring) == 0  # the next channel of that identity starts empty
