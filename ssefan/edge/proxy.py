@@ -43,6 +43,7 @@ import h11
 from ssefan.config import Config, ProxyConfig
 from ssefan.edge.downstream import ClientGone, Downstream, ProxyError, ToClient
 from ssefan.edge.tunnel import tunnel
+from ssefan.http.client import Origin, OriginClosed, OriginConnection, OriginProtocolError
 from ssefan.http.forwarding import (
     Header,
     TargetRedactor,
@@ -56,13 +57,7 @@ from ssefan.http.forwarding import (
     request_id_from,
     strip_hop_by_hop,
 )
-from ssefan.http.pool import (
-    ConnectionPool,
-    Origin,
-    OriginClosed,
-    OriginConnection,
-    OriginProtocolError,
-)
+from ssefan.http.pool import ConnectionPool
 from ssefan.http.request_checks import CheckedRequest
 from ssefan.http.responses import is_event_stream, raw_response
 

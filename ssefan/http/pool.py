@@ -3,8 +3,7 @@
 The connections are client.py's `OriginConnection`s. After a complete
 exchange that both sides left open, one goes back to the pool; idle
 connections are closed after `idle_timeout`, and the pool keeps at most
-`size` of them. The names the proxy and forward-auth import from here
-(Origin, OriginClosed, ...) are client.py's, re-exported.
+`size` of them.
 
 While a connection sits idle, the app may close it (its own keep-alive timeout)
 or, worse, write a stray response (some servers send a 408 before closing).
@@ -20,21 +19,11 @@ import ssl
 
 from ssefan.http.client import (
     Origin,
-    OriginClosed,
     OriginConnection,
-    OriginProtocolError,
     connect,
-    split_url,
 )
 
-__all__ = [
-    "ConnectionPool",
-    "Origin",
-    "OriginClosed",
-    "OriginConnection",
-    "OriginProtocolError",
-    "split_url",
-]
+__all__ = ["ConnectionPool"]
 
 
 class ConnectionPool:

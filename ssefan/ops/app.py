@@ -32,7 +32,8 @@ from ssefan.core.template import is_template
 from ssefan.edge.auth import ForwardAuth, forward_auth, forward_auths, unused_pools
 from ssefan.edge.proxy import Proxy
 from ssefan.edge.server import Server
-from ssefan.http.pool import ConnectionPool, Origin
+from ssefan.http.client import Origin
+from ssefan.http.pool import ConnectionPool
 from ssefan.ops import metrics
 from ssefan.ops import reload as reloading
 from ssefan.ops.drain import drain_streams, end_spread

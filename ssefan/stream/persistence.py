@@ -122,7 +122,6 @@ class Persistence:
         self.recorders: dict[Channel, Recorder] = {}
         self.stopping = False
         self.timed_out = False  # save_all's writer did not finish in time
-        self.write_failures = 0
         self._timer: asyncio.TimerHandle | None = None
         self._saved: set[ChannelId] = set()  # snapshots written by this process's stop
 
@@ -264,7 +263,6 @@ class Persistence:
         recorder.rotating.add_done_callback(done)
 
     def _failed(self, recorder: Recorder, error: BaseException) -> None:
-        self.write_failures += 1
         recorder.failed = True
         recorder.channel.recorder = None
         log.warning(

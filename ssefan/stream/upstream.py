@@ -243,7 +243,7 @@ class Upstream:
                     self._failed(FailureKind.CLOSED, "the app ended the stream")
             except ATTEMPT_FAILURES as exc:
                 self.counts.failures += 1
-                failure = self._failed(*self._classify(exc))
+                failure = self._failed(*classify(exc, self.origin))
                 log.warning(
                     "route=%s upstream=%s failed: %s (kind=%s, attempt %d)",
                     self.route,
@@ -451,10 +451,6 @@ class Upstream:
     def _note_retry(self, parser: Parser) -> None:
         if parser.retry is not None:
             self.retry_hint = parser.retry / 1000
-
-    def _classify(self, exc: BaseException) -> tuple[FailureKind, str]:
-        """The kind and a sentence for an exception that ended an attempt."""
-        return classify(exc, self.origin)
 
 
 class _Watchdog:

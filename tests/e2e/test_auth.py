@@ -30,8 +30,9 @@ from waits import DEFAULT_TIMEOUT, holds_for, wait_until
 import ssefan.edge.auth as auth_module
 from ssefan.config import AuthConfig
 from ssefan.edge.auth import UNAVAILABLE, Credential, ForwardAuth
+from ssefan.http.client import Origin
 from ssefan.http.forwarding import TrustedProxies
-from ssefan.http.pool import ConnectionPool, Origin
+from ssefan.http.pool import ConnectionPool
 
 REVALIDATE = 0.3
 AUTH_TIMEOUT = 0.5

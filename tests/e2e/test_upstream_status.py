@@ -27,6 +27,7 @@ from ssefan_process import multi_route_config, running_config
 from waits import DEFAULT_TIMEOUT, wait_until
 
 from ssefan.config import UpstreamConfig
+from ssefan.stream.status import classify
 from ssefan.stream.upstream import FailureKind, Upstream, UpstreamFailure, UpstreamState
 
 # Short, fixed backoff: each wait is uniform in [0, 0.4 s], long enough for
@@ -320,7 +321,7 @@ def _upstream(url: str = "http://app.internal:8000/events") -> Upstream:
     ],
 )
 def test_each_exception_has_a_kind_and_a_sentence(exc: Exception, kind: str, text: str) -> None:
-    found_kind, found_text = _upstream()._classify(exc)
+    found_kind, found_text = classify(exc, _upstream().origin)
     assert found_kind.value == kind
     assert text in found_text
 

@@ -26,6 +26,7 @@ from restarts import (
     Follower,
     Publisher,
     assert_exact,
+    catch_up,
     channel_files,
     finish,
     journaled_ids,
@@ -103,13 +104,7 @@ def test_ten_sigterm_restarts_lose_and_repeat_nothing(
                     tasks,
                 )
                 await asyncio.to_thread(restart_and_check)
-            publisher.stop()
-            final = str(publisher.last)
-            for follower in followers:
-                follower.target = final
-            await wait_for(
-                lambda: all(f.done for f in followers), f"every client at {final}", tasks
-            )
+            await catch_up(publisher, followers, tasks)
         finally:
             await finish(tasks)
 
@@ -302,13 +297,7 @@ def test_sigkill_loses_at_most_state_sync_of_the_ring(
                 assert not probe.gaps, f"resuming from the restored last id: {probe.gaps}"
                 for follower in followers:
                     follower.gate.set()
-            publisher.stop()
-            final = str(publisher.last)
-            for follower in followers:
-                follower.target = final
-            await wait_for(
-                lambda: all(f.done for f in followers), f"every client at {final}", tasks
-            )
+            await catch_up(publisher, followers, tasks)
         finally:
             await finish(tasks)
 
@@ -632,13 +621,7 @@ def test_socket_activated_restarts_refuse_nothing_and_lose_nothing(
                 )
                 if n < ACTIVATED_RESTARTS:
                     await asyncio.to_thread(restart_activated)
-            publisher.stop()
-            final = str(publisher.last)
-            for follower in followers:
-                follower.target = final
-            await wait_for(
-                lambda: all(f.done for f in followers), f"every client at {final}", tasks
-            )
+            await catch_up(publisher, followers, tasks)
         finally:
             await finish(tasks)
 
@@ -785,11 +768,7 @@ def test_each_worker_keeps_and_restores_its_own_ring(
             await wait_for(lambda: upstream.active == 2, "both workers subscribed again", tasks)
             publisher.resume()
             await wait_for(past(followers, publisher.last + 20), "more events", tasks)
-            publisher.stop()
-            final = str(publisher.last)
-            for follower in followers:
-                follower.target = final
-            await wait_for(lambda: all(f.done for f in followers), f"all at {final}", tasks)
+            await catch_up(publisher, followers, tasks)
             return new
         finally:
             await finish(tasks)

@@ -26,11 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from loopback_server import LoopbackServer
 from waits import DEFAULT_TIMEOUT, wait_until
 
 # The default key pattern of a template route (issue 12); the only stream
@@ -79,46 +79,17 @@ class StreamConn:
     writer: asyncio.StreamWriter | None = field(default=None, repr=False)
 
 
-class KeyedApp:
+class KeyedApp(LoopbackServer):
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[SeenRequest] = []
         self.conns: list[StreamConn] = []  # every stream connection, in order of opening
         self.history: dict[str, list[tuple[int, bytes]]] = {}  # key -> (id, encoded block)
         self.unknown: dict[str, int] = {}  # key -> the status it is answered (404, 410)
         self.auth_rules: dict[tuple[str, str], int] = {}  # (session, X-Forwarded-Uri) -> status
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self.port = 0
 
-    # -- lifecycle
-    def start(self) -> KeyedApp:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(DEFAULT_TIMEOUT)
-        return self
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-
-        async def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            for conn in self.conns:
-                if conn.writer is not None and conn.closed_at is None:
-                    conn.writer.transport.abort()
-            await asyncio.sleep(0)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(DEFAULT_TIMEOUT)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(DEFAULT_TIMEOUT)
-        if not self._thread.is_alive():
-            self._loop.close()
+    def _live_writers(self) -> list[asyncio.StreamWriter]:
+        return [c.writer for c in self.conns if c.writer is not None and c.closed_at is None]
 
     @property
     def url(self) -> str:

@@ -240,6 +240,17 @@ async def wait_for(
         raise AssertionError(f"timed out after {within}s waiting for {what}") from None
 
 
+async def catch_up(
+    publisher: Publisher, followers: Sequence[Follower], tasks: Sequence[asyncio.Task[None]]
+) -> None:
+    """Stop publishing, then wait until every follower has the last event."""
+    publisher.stop()
+    final = str(publisher.last)
+    for follower in followers:
+        follower.target = final
+    await wait_for(lambda: all(f.done for f in followers), f"every client at {final}", tasks)
+
+
 async def finish(tasks: Sequence[asyncio.Task[None]]) -> None:
     """Stop the followers still running, and raise the first one's error, if any."""
     for task in tasks:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from loopback_server import LoopbackServer
 from waits import DEFAULT_TIMEOUT, wait_until
 
 
@@ -30,7 +30,7 @@ class _Conn:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class FakeUpstream:
+class FakeUpstream(LoopbackServer):
     """An SSE app on loopback that keeps a history and honours Last-Event-ID.
 
     Behaviour knobs (set them before ssefan connects, or call drop_all()):
@@ -42,6 +42,7 @@ class FakeUpstream:
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self.status = 200
         self.content_type = "text/event-stream"
         self.stall = False
@@ -51,40 +52,9 @@ class FakeUpstream:
         self.history: list[tuple[str, bytes]] = []  # (id, encoded block)
         self.accepted = 0
         self._conns: list[_Conn] = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self._lock = threading.Lock()
-        self.port = 0
 
-    # -- lifecycle
-    def start(self) -> FakeUpstream:
-        self._thread.start()
-        fut = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        fut.result(DEFAULT_TIMEOUT)
-        return self
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return  # closed already (a test may stop the app before the fixture does)
-
-        async def _stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            for conn in list(self._conns):
-                conn.writer.transport.abort()
-            await asyncio.sleep(0)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(DEFAULT_TIMEOUT)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(DEFAULT_TIMEOUT)
-        if not self._thread.is_alive():
-            self._loop.close()  # else ResourceWarnings (errors under filterwarnings)
+    def _live_writers(self) -> list[asyncio.StreamWriter]:
+        return [conn.writer for conn in self._conns]
 
     @property
     def url(self) -> str:
@@ -202,6 +172,3 @@ class FixedPortUpstream(FakeUpstream):
     def __init__(self, port: int) -> None:
         super().__init__()
         self.port = port
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)

@@ -49,8 +49,9 @@ from ssefan.edge.auth.cache import (
 from ssefan.edge.auth.decision import UNAVAILABLE, AuthDecision, AuthStats
 from ssefan.edge.auth.keys import Credential, CredentialKeys
 from ssefan.edge.auth.revalidation import REVALIDATE_CONCURRENCY, Revalidation
+from ssefan.http.client import Origin
 from ssefan.http.forwarding import Header, TrustedProxies
-from ssefan.http.pool import ConnectionPool, Origin
+from ssefan.http.pool import ConnectionPool
 
 __all__ = [
     "AUTH_POOL_SIZE",

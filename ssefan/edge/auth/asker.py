@@ -21,8 +21,9 @@ import h11
 from ssefan.config import AuthConfig
 from ssefan.edge.auth.decision import ADMIT_OR_DENY, UNAVAILABLE, AuthDecision, AuthStats
 from ssefan.edge.auth.keys import Credential
+from ssefan.http.client import OriginClosed, OriginConnection, OriginProtocolError
 from ssefan.http.forwarding import Header, describe_exception, header_values, new_request_id
-from ssefan.http.pool import ConnectionPool, OriginClosed, OriginConnection, OriginProtocolError
+from ssefan.http.pool import ConnectionPool
 
 __all__ = ["MAX_AUTH_BODY", "MAX_CONCURRENT_ASKS", "USER_AGENT", "Asker"]
 
