@@ -19,7 +19,7 @@ import h11
 
 from ssefan.config import Config, CorsConfig, ListenConfig, RouteConfig, StartConfig, UpstreamConfig
 from ssefan.core.sse import Event, encode
-from ssefan.edge.protocol import HTTPConnection
+from ssefan.edge.downstream import Downstream
 from ssefan.http.flow import READ_WINDOW
 from ssefan.http.responses import response_head
 from ssefan.ops.app import App, new_event_loop
@@ -129,7 +129,7 @@ def _page() -> bytes:
     return resources.files("ssefan").joinpath("demo.html").read_bytes()
 
 
-def _serve_page(connection: HTTPConnection, request: h11.Request) -> bool:
+def _serve_page(connection: Downstream, request: h11.Request) -> bool:
     if request.target.split(b"?", 1)[0] != b"/" or request.method not in (b"GET", b"HEAD"):
         return False
     connection.respond(200, _page(), content_type=b"text/html; charset=utf-8")

@@ -14,6 +14,7 @@ from ssefan.config.schema import (
     AuthConfig,
     Config,
     CorsConfig,
+    Http2Config,
     KeyConfig,
     ListenConfig,
     ProxyConfig,
@@ -42,6 +43,7 @@ _ADMIN_KEYS = _fields(AdminConfig)
 # together as `address`, as in the string form.
 _LISTEN_KEYS = ("address", *_fields(ListenConfig, without=("host", "port")))
 _TLS_KEYS = _fields(TLSConfig)
+_HTTP2_KEYS = _fields(Http2Config)
 
 
 def _misplaced(keys: tuple[str, ...], where: str, allowed: tuple[str, ...]) -> dict[str, str]:

@@ -166,9 +166,9 @@ class TLSConfig:
     # TLS 1.2 is RFC 9113 §9.2's floor for HTTP/2 and what every browser
     # still in support speaks; "1.3" refuses older clients.
     min_version: Literal["1.2", "1.3"] = "1.2"
-    # Offered by ALPN, in order. Only HTTP/1.1 is served so far (HTTP/2 is
-    # issue 14's next step); a client that offers no ALPN gets HTTP/1.1 too.
-    alpn: tuple[str, ...] = ("http/1.1",)
+    # Offered by ALPN, in the server's order of preference; a client that
+    # offers no ALPN gets HTTP/1.1.
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
 
     def __post_init__(self) -> None:
         _require(
@@ -177,7 +177,32 @@ class TLSConfig:
             '"1.2" or "1.3"',
             self.min_version,
         )
-        _require(self.alpn == ("http/1.1",), "TLSConfig.alpn", '("http/1.1",)', self.alpn)
+        _require(
+            bool(self.alpn)
+            and set(self.alpn) <= {"h2", "http/1.1"}
+            and len(set(self.alpn)) == len(self.alpn),
+            "TLSConfig.alpn",
+            'a non-empty tuple of distinct "h2" and "http/1.1"',
+            self.alpn,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Http2Config:
+    """HTTP/2 for clients (over TLS, when ALPN picks h2): the per-connection limits."""
+
+    # SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may have open,
+    # each an EventSource or a request. RFC 9113 §6.5.2 recommends at least
+    # 100; every browser opens streams up to what the server advertises.
+    max_concurrent_streams: int = 100
+
+    def __post_init__(self) -> None:
+        _require(
+            1 <= self.max_concurrent_streams <= 10_000,
+            "Http2Config.max_concurrent_streams",
+            "from 1 to 10000",
+            self.max_concurrent_streams,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +211,8 @@ class ListenConfig:
     port: int
     # None: plain HTTP. The admin listener never has TLS.
     tls: TLSConfig | None = None
+    # Served when TLS's ALPN picks h2 (browsers speak HTTP/2 only over TLS).
+    http2: Http2Config = field(default_factory=Http2Config)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "ListenConfig.port", "from 0 to 65535", self.port)

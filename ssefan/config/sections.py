@@ -10,6 +10,7 @@ from typing import Literal
 from ssefan.config.keys import (
     _ADMIN_KEYS,
     _CONFIG_KEYS,
+    _HTTP2_KEYS,
     _LISTEN_KEYS,
     _MISPLACED_AT_TOP,
     _PROXY_KEYS,
@@ -23,6 +24,7 @@ from ssefan.config.schema import (
     _PROXY_DEFAULTS,
     AdminConfig,
     Config,
+    Http2Config,
     ListenConfig,
     ProxyConfig,
     RouteConfig,
@@ -110,9 +112,27 @@ def _read_listen(reader: _Reader, section: _Section) -> ListenConfig | None:
     address = listen.require("address", _listen, 'the address to serve on, like "0.0.0.0:8443"')
     raw_tls = listen.values.get("tls")
     tls = None if raw_tls is None else _read_tls(reader, raw_tls, "listen.tls")
+    http2 = listen.nested("http2", _read_http2, Http2Config())
     if address is None or (raw_tls is not None and tls is None):
         return None
-    return ListenConfig(host=address.host, port=address.port, tls=tls)
+    return ListenConfig(host=address.host, port=address.port, tls=tls, http2=http2)
+
+
+def _read_http2(reader: _Reader, raw: object, path: str) -> Http2Config | None:
+    section = reader.section(raw, path, _HTTP2_KEYS, "a mapping like {max_concurrent_streams: 100}")
+    if section is None:
+        return None
+    streams = section.get("max_concurrent_streams", _stream_limit, 100)
+    return Http2Config(max_concurrent_streams=streams)
+
+
+def _stream_limit(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+        raise _BadValue(
+            f"expected the streams one HTTP/2 connection may open, from 1 to 10000 (browsers"
+            f" use what is advertised; 100 is the usual value), got {_show(value)}"
+        )
+    return value
 
 
 def _read_tls(reader: _Reader, raw: object, path: str) -> TLSConfig | None:
@@ -124,7 +144,7 @@ def _read_tls(reader: _Reader, raw: object, path: str) -> TLSConfig | None:
     )
     key = section.require("key", _file_path, 'its private key, like "/etc/ssefan/tls/privkey.pem"')
     before = len(reader.problems)
-    default_alpn: tuple[str, ...] = ("http/1.1",)
+    default_alpn: tuple[str, ...] = ("h2", "http/1.1")
     default_version: Literal["1.2", "1.3"] = "1.2"
     min_version = section.get("min_version", _tls_version, default_version)
     alpn = section.nested("alpn", _read_alpn, default_alpn)
@@ -165,17 +185,11 @@ def _read_alpn(reader: _Reader, raw: object, path: str) -> tuple[str, ...] | Non
         return None
     ok = True
     for index, item in enumerate(raw):
-        if item == "h2":
-            reader.report(
-                f"{path}[{index}]",
-                "h2 is not served yet (HTTP/2 is issue 14's next step); use [http/1.1]",
-            )
+        if item not in ("h2", "http/1.1"):
+            reader.report(f"{path}[{index}]", f"expected h2 or http/1.1, got {_show(item)}")
             ok = False
-        elif item != "http/1.1":
-            reader.report(f"{path}[{index}]", f"expected http/1.1, got {_show(item)}")
-            ok = False
-    if ok and len(raw) > 1:
-        reader.report(path, "http/1.1 is listed more than once; keep one")
+    if ok and len(set(raw)) < len(raw):
+        reader.report(path, "a protocol is listed more than once; keep one of each")
         ok = False
     return tuple(raw) if ok else None
 

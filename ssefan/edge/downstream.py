@@ -3,7 +3,8 @@
 The HTTP/1.1 adapter (protocol.HTTPConnection) hands a request that is no
 stream route to the proxy (proxy.Exchange) together with itself as a
 `Downstream`: how the exchange reads the client's body, writes the response
-and, after a 101, tunnels bytes. An HTTP/2 adapter is to offer the same.
+and, after a 101, tunnels bytes. The HTTP/2 adapter offers the same for one
+stream (h2stream.H2Exchange), with no tunnels.
 """
 
 from __future__ import annotations
@@ -11,11 +12,26 @@ from __future__ import annotations
 from typing import Protocol
 
 import h11
+from h11._util import Sentinel
 
-__all__ = ["ClientGone", "Downstream", "ProxyError", "ToClient"]
+__all__ = ["ClientGone", "Downstream", "Progress", "ProxyError", "ToClient"]
 
 # What an exchange writes to the client.
 ToClient = h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
+
+
+class Progress(Protocol):
+    """Where the exchange stands, in h11's states: an h11.Connection for
+    HTTP/1.1, h2stream.ExchangeState for an HTTP/2 stream."""
+
+    @property
+    def our_state(self) -> type[Sentinel]: ...
+
+    @property
+    def their_state(self) -> type[Sentinel]: ...
+
+    @property
+    def their_http_version(self) -> bytes | None: ...
 
 
 class Downstream(Protocol):
@@ -25,7 +41,9 @@ class Downstream(Protocol):
     is gone; `write` and `write_raw` too, when it already is.
     """
 
-    conn: h11.Connection  # the client-facing h11 state machine
+    @property
+    def conn(self) -> Progress: ...  # the client-facing state machine
+
     peer_ip: str
     scheme: str  # "http" or "https", as the client reached ssefan
 

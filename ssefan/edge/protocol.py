@@ -45,6 +45,7 @@ from ssefan.edge.admission import (
     after_auth,
 )
 from ssefan.edge.auth import AuthDecision
+from ssefan.edge.http2 import HTTP2Connection
 from ssefan.http.flow import Inbox, WriteGate
 from ssefan.http.forwarding import describe_h11_error
 from ssefan.http.request_checks import BadRequest, check_request
@@ -151,6 +152,15 @@ class HTTPConnection(asyncio.Protocol):
             self.peer_ip = str(peer[0])
         if self.transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
+            ssl_object = self.transport.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                # ALPN chose HTTP/2 in the handshake: the other adapter takes over.
+                http2 = HTTP2Connection(self.server, peer=self.peer, peer_ip=self.peer_ip)
+                self.mode = Mode.CLOSED  # this object is done with
+                self.transport.set_protocol(http2)
+                http2.connection_made(self.transport)
+                self.transport = None
+                return
         self.server.connections.add(self)
         self._arm_timer(self.config.header_timeout)
 

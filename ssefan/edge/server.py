@@ -22,6 +22,8 @@ from ssefan.config import Config
 from ssefan.core.paths import routing_path, variant_path
 from ssefan.core.template import ChannelKey
 from ssefan.edge.auth import ForwardAuth
+from ssefan.edge.downstream import Downstream
+from ssefan.edge.http2 import HTTP2Connection
 from ssefan.edge.protocol import HTTPConnection
 from ssefan.http.request_checks import CheckedRequest
 from ssefan.stream.channel import Channel
@@ -36,18 +38,20 @@ class Server:
 
     config: Config
     channels: dict[str, Channel]
-    connections: set[HTTPConnection] = field(default_factory=set)
+    connections: set[HTTPConnection | HTTP2Connection] = field(default_factory=set)
     # Counters for refusals, by status code.
     refused: dict[int, int] = field(default_factory=dict)
+    # HTTP/2 counters by name: connections, resets_sent, goaway_<reason>.
+    http2: dict[str, int] = field(default_factory=dict)
     # Called for requests to paths that are not stream routes; True if it answered
     # (the demo serves its page this way).
-    fallback: Callable[[HTTPConnection, h11.Request], bool] | None = None
+    fallback: Callable[[Downstream, h11.Request], bool] | None = None
     # Then the pass-through to the app (proxy.Proxy.forward), if `app` is set:
     # the connection is handed off to it until the exchange ends. It forwards
     # the target and host as check_request read them, which is what routing
     # went by: the app never reads a request other than ssefan did.
     pass_through: (
-        Callable[[HTTPConnection, h11.Request, CheckedRequest], Coroutine[Any, Any, None]] | None
+        Callable[[Downstream, h11.Request, CheckedRequest], Coroutine[Any, Any, None]] | None
     ) = None
     # Template routes' channels by route path (`/jobs/{job}/progress`).
     keyed: dict[str, KeyedChannels] = field(default_factory=dict)
@@ -156,6 +160,9 @@ class Server:
                 own = variant_path(upstream.path or "/")
                 if own not in self._variants:  # a route of ours is served as one
                     self._upstream_paths[own] = path
+
+    def count_http2(self, name: str) -> None:
+        self.http2[name] = self.http2.get(name, 0) + 1
 
     def count_refusal(self, status: int) -> None:
         self.refused[status] = self.refused.get(status, 0) + 1

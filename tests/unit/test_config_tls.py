@@ -47,7 +47,7 @@ def test_check_accepts_a_certificate_and_its_key(
 ) -> None:
     status, out = check(write(tmp_path, f"    cert: {cert.cert}\n    key: {cert.key}\n"), capsys)
     assert status == 0, out
-    assert f"listen 127.0.0.1:8443 (TLS 1.2+, cert {cert.cert}, alpn http/1.1)" in out
+    assert f"listen 127.0.0.1:8443 (TLS 1.2+, cert {cert.cert}, alpn h2, http/1.1)" in out
     assert not any(line in out for line in key_material(cert))
 
 
@@ -102,14 +102,13 @@ def test_string_form_is_plain_http(tmp_path: Path, capsys: pytest.CaptureFixture
             id="key-mismatch",
         ),
         pytest.param(
-            "    cert: {cert}\n    key: {key}\n    alpn: [h2, http/1.1]\n",
-            "c.yaml:6: listen.tls.alpn[0]: h2 is not served yet (HTTP/2 is issue 14's next"
-            " step); use [http/1.1]",
-            id="alpn-h2",
+            "    cert: {cert}\n    key: {key}\n    alpn: [h2, h2]\n",
+            "c.yaml:6: listen.tls.alpn: a protocol is listed more than once; keep one of each",
+            id="alpn-twice",
         ),
         pytest.param(
             "    cert: {cert}\n    key: {key}\n    alpn: [spdy/3]\n",
-            'c.yaml:6: listen.tls.alpn[0]: expected http/1.1, got "spdy/3"',
+            'c.yaml:6: listen.tls.alpn[0]: expected h2 or http/1.1, got "spdy/3"',
             id="alpn-unknown",
         ),
         pytest.param(
