@@ -72,7 +72,8 @@ class H2Stream(asyncio.WriteTransport):
     )
 
     def __init__(self, connection: HTTP2Connection, stream_id: int) -> None:
-        super().__init__()
+        # No super().__init__(): it only makes the `_extra` dict, one per
+        # stream, that get_extra_info below never reads.
         self.connection = connection
         self.stream_id = stream_id
         # h2's own record of the stream, for its outbound window.
