@@ -589,6 +589,7 @@ class HTTP2Connection(asyncio.Protocol):
         if self.transport is None or self._goaway_sent:
             return False
         self._goaway_sent = True
+        self.server.count_http2("goaway_drain")
         # Hand-framed, so that h2 still lets the open streams finish (its own
         # close_connection() ends all sending); RFC 9113 §6.8.
         frame = GoAwayFrame(stream_id=0)

@@ -269,6 +269,7 @@ class App:
             reloads=self.reloads,
             proxy=self.proxy.stats if self.proxy is not None else None,
             auth={path: auth.stats for path, auth in self.auth.items()},
+            http2=server.http2 if server is not None else {},
         )
         return metrics.collect(self.channels, self.upstreams, process, self.keyed, self.ring_budget)
 

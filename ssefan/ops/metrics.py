@@ -73,6 +73,9 @@ class ProcessInfo:
     # Prometheus, which rate() handles).
     proxy: ProxyStats | None = None
     auth: Mapping[str, AuthStats] = field(default_factory=dict)
+    # Server.http2: HTTP/2 connections opened, streams reset by ssefan, and
+    # GOAWAYs sent by reason (goaway_rapid_reset, goaway_idle, ...).
+    http2: Mapping[str, int] = field(default_factory=dict)
 
 
 def collect(
@@ -116,6 +119,14 @@ def collect(
             "ssefan_ring_budget_evictions_total",
             "Events evicted because ring_bytes_total was reached (the largest rings' oldest).",
         ).add({}, ring_budget.evictions)
+    http2 = f.counter(
+        "ssefan_http2_events_total",
+        "HTTP/2 connection events: connections (opened), resets_sent (streams ssefan"
+        " reset), goaway_<reason> (GOAWAYs sent: idle, drain, rapid_reset, ping_flood,"
+        " settings_flood, empty_frames, too_many_streams, header_flood, protocol_error...).",
+    )
+    for event, count in sorted(process.http2.items()):
+        http2.add({"event": event}, count)
     if process.proxy is not None:
         _proxy(f, process.proxy)
     for path, stats in process.auth.items():
