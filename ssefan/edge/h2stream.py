@@ -265,10 +265,14 @@ class H2Exchange:
         self._ended = True
         self._wake()
 
-    def fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> int:
+        """The stream is gone; returns the credit of the body left unread."""
         self._error = exc
         self.gate.fail(exc)
         self._wake()
+        unread = sum(credit for _, credit in self._body)
+        self._body.clear()
+        return unread
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

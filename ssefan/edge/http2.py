@@ -64,6 +64,12 @@ if TYPE_CHECKING:
 
 __all__ = ["FLOOD_LIMITS", "HTTP2Connection", "TokenBucket"]
 
+_BODY_EVENTS = (h2.events.DataReceived, h2.events.StreamEnded)
+
+# Seconds a connection whose GOAWAY and last stream end are sent stays open,
+# reading, for the client to close it first (see _linger).
+LINGER = 1.0
+
 log = logging.getLogger("ssefan.server")
 
 # Response headers that are HTTP/1.1's hop-by-hop framing (RFC 9113 §8.2.2):
@@ -182,7 +188,7 @@ class HTTP2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._cancel_timer()
-        self.server.connections.discard(self)
+        self.server.connection_lost(self)
         gone = ConnectionResetError("the client closed the connection")
         for stream in list(self.streams.values()):
             self._stream_gone(stream, gone)
@@ -198,14 +204,25 @@ class HTTP2Connection(asyncio.Protocol):
             self._protocol_error(exc)
             return
         opened: list[tuple[H2Stream, h2.events.RequestReceived]] = []
+        # The body (and end) of a request opened in this same read waits for
+        # the request to be handled: only then is there an exchange to take it.
+        waiting: set[int | None] = set()
+        deferred: list[h2.events.Event] = []
         for event in events:
-            if not self._handle(event, opened):
+            if isinstance(event, _BODY_EVENTS) and event.stream_id in waiting:
+                deferred.append(event)
+            elif not self._handle(event, opened):
                 return  # the connection is closing
+            elif isinstance(event, h2.events.RequestReceived):
+                waiting.add(event.stream_id)
         # Only now do requests cost anything (forward-auth, a channel): a
         # stream reset in the same read (rapid reset) never gets that far.
         for stream, request in opened:
             if not stream.closed:
                 self._on_request(stream, request)
+        for event in deferred:
+            if not self._handle(event, opened):
+                return
         self._flush()
 
     def eof_received(self) -> bool:
@@ -233,8 +250,15 @@ class HTTP2Connection(asyncio.Protocol):
         """Handle one event; False if the connection is being closed."""
         if isinstance(event, h2.events.RequestReceived):
             assert event.stream_id is not None
-            self._cancel_timer()
+            if self._goaway_sent:
+                # Opened after our GOAWAY named the last stream we take: the
+                # client may send it elsewhere (RFC 9113 §6.8).
+                self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return True
             self._highest_stream = max(self._highest_stream, event.stream_id)
+            if event.stream_id not in self.h2.streams:
+                return True  # reset in the same read, and h2 has let it go already
+            self._cancel_timer()
             opening = H2Stream(self, event.stream_id)
             self.streams[event.stream_id] = opening
             opened.append((opening, event))
@@ -531,7 +555,10 @@ class HTTP2Connection(asyncio.Protocol):
         if not out or self.transport is None:
             return
         self._out = []
-        self.transport.writelines(out)
+        # Joined: the TLS transports (asyncio's and uvloop's) make one TLS
+        # record, and one encrypt call, per buffer given to writelines, so
+        # 9-byte headers each in their own record would cost more than the copy.
+        self.transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def end_stream(self, stream: H2Stream) -> None:
         """END_STREAM on a stream whose bytes are all sent (H2Stream.close)."""
@@ -552,11 +579,10 @@ class HTTP2Connection(asyncio.Protocol):
 
     def credit(self, stream: H2Stream, size: int) -> None:
         """Give the client back `size` bytes of window (a body the exchange took)."""
-        if size and not stream.closed:
-            try:
-                self.h2.acknowledge_received_data(size, stream.stream_id)
-            except h2.exceptions.StreamClosedError:
-                return
+        # Also once the stream is closed: the connection's window must not
+        # shrink by what a reset upload left unread (h2 skips the stream's).
+        if size and self.transport is not None and not self.transport.is_closing():
+            self.h2.acknowledge_received_data(size, stream.stream_id)
             self._take_h2()
 
     # -- streams going away ----------------------------------------------------------
@@ -568,7 +594,7 @@ class HTTP2Connection(asyncio.Protocol):
         if stream.subscriber is not None and stream.channel is not None:
             stream.channel.unsubscribe(stream.subscriber)
         if stream.exchange is not None:
-            stream.exchange.fail(why)
+            self.credit(stream, stream.exchange.fail(why))
         if stream.task is not None:
             stream.task.cancel()
         self._unwatch(stream)
@@ -577,7 +603,7 @@ class HTTP2Connection(asyncio.Protocol):
         self.streams.pop(stream.stream_id, None)
         if not self.streams:
             if self._goaway_sent:
-                self._close()
+                self._linger()
             else:
                 self._arm_idle_timer()
 
@@ -598,9 +624,22 @@ class HTTP2Connection(asyncio.Protocol):
         self._out.append(frame.serialize())
         self._flush()
         if not self.streams:
-            self._close()
+            self._linger()
             return True
         return False
+
+    def _linger(self) -> None:
+        """After a GOAWAY, the last stream gone: close once the client has read it.
+
+        The client closes when it has seen GOAWAY and its streams' ends; until
+        then, or LINGER seconds, we keep reading. Closing at once would leave
+        its WINDOW_UPDATEs unread, and a socket closed with unread bytes sends
+        RST, which can destroy the END_STREAMs still in the client's buffer.
+        """
+        self._flush()
+        self._cancel_timer()
+        if self.transport is not None:
+            self._timer = asyncio.get_running_loop().call_later(LINGER, self._close)
 
     def close(self) -> None:
         self._close()

@@ -167,7 +167,7 @@ class HTTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.mode = Mode.CLOSED
         self._cancel_timer()
-        self.server.connections.discard(self)
+        self.server.connection_lost(self)
         if self.subscriber is not None and self.channel is not None:
             self.channel.unsubscribe(self.subscriber)
         gone = ConnectionResetError("the client closed the connection")

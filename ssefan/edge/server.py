@@ -10,6 +10,7 @@ admission.py.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Server:
     refused: dict[int, int] = field(default_factory=dict)
     # HTTP/2 counters by name: connections, resets_sent, goaway_<reason>.
     http2: dict[str, int] = field(default_factory=dict)
+    _none_left: asyncio.Event | None = None  # set when the last connection goes
     # Called for requests to paths that are not stream routes; True if it answered
     # (the demo serves its page this way).
     fallback: Callable[[Downstream, h11.Request], bool] | None = None
@@ -160,6 +162,17 @@ class Server:
                 own = variant_path(upstream.path or "/")
                 if own not in self._variants:  # a route of ours is served as one
                     self._upstream_paths[own] = path
+
+    def connection_lost(self, connection: HTTPConnection | HTTP2Connection) -> None:
+        self.connections.discard(connection)
+        if not self.connections and self._none_left is not None:
+            self._none_left.set()
+
+    async def connections_gone(self) -> None:
+        """Return once no client connection is open (App.stop waits, bounded)."""
+        if self.connections:
+            self._none_left = asyncio.Event()
+            await self._none_left.wait()
 
     def count_http2(self, name: str) -> None:
         self.http2[name] = self.http2.get(name, 0) + 1

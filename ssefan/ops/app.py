@@ -52,6 +52,9 @@ log = logging.getLogger("ssefan")
 
 # How long shutdown waits for upstream tasks to notice cancellation.
 STOP_TIMEOUT = 5.0
+# At stop, how long closing client connections get to finish (see
+# _connections_closed).
+CLOSE_WAIT = 1.0
 # A reload that changes a route's forward-auth ends the route's streams (they
 # were admitted under other rules) over at most this long, each with a
 # jittered `retry:` as in a drain, so they come back through the new auth
@@ -450,6 +453,16 @@ class App:
                 log.info("closed %d idle keep-alive connections", len(idle))
         return await drain_streams(self.all_channels, window, self._rng, hurry)
 
+    async def _connections_closed(self, within: float) -> None:
+        """Let closing connections finish (TLS close_notify, the client's last
+        bytes read) rather than exit under them: a socket the process leaves
+        with unread bytes sends RST, which can destroy what the client has not
+        read yet (a drained stream's end)."""
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await self.server.connections_gone()
+
     async def stop(self, grace: float = STOP_TIMEOUT) -> None:
         """End every stream now, stop the upstreams (waiting up to `grace`
         seconds for them) and close every connection."""
@@ -478,6 +491,7 @@ class App:
             for connection in list(self.server.connections):
                 if connection.transport is not None:
                     connection.transport.close()
+            await self._connections_closed(min(CLOSE_WAIT, grace))
         if self.proxy is not None:
             self.proxy.close()
         for auth in self.auth.values():

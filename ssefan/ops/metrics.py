@@ -125,7 +125,9 @@ def collect(
         " reset), goaway_<reason> (GOAWAYs sent: idle, drain, rapid_reset, ping_flood,"
         " settings_flood, empty_frames, too_many_streams, header_flood, protocol_error...).",
     )
-    for event, count in sorted(process.http2.items()):
+    # connections and resets_sent from 0, so rate() sees them from the start;
+    # a GOAWAY reason appears with its first.
+    for event, count in sorted({"connections": 0, "resets_sent": 0, **process.http2}.items()):
         http2.add({"event": event}, count)
     if process.proxy is not None:
         _proxy(f, process.proxy)
